@@ -117,7 +117,8 @@ class ForwardModel(eqx.Module):
                 f"the model has {self.n_components} kinematic component(s) but "
                 f"{len(losvds)} LOSVD(s) were given"
             )
-        fts = [lv.ft(self.omega) * self.phase for lv in losvds]
+        cdtype = self.template_fft.dtype  # keep float32 models in float32
+        fts = [lv.ft(self.omega).astype(cdtype) * self.phase for lv in losvds]
         return jnp.concatenate(
             [jnp.broadcast_to(f, (n, f.shape[-1])) for f, n in zip(fts, self.component_sizes)]
         )
@@ -132,7 +133,7 @@ class ForwardModel(eqx.Module):
         ones = jnp.ones(self.n_pix, dtype=self.additive.dtype)
         if self.mdegree == 0 or mult_coeffs is None:
             return ones
-        return ones + jnp.asarray(mult_coeffs) @ self.multiplicative
+        return ones + jnp.asarray(mult_coeffs).astype(ones.dtype) @ self.multiplicative
 
     def convolved_templates(self, losvds, mult_coeffs=None) -> jnp.ndarray:
         """Templates convolved with their component's LOSVD, on the galaxy pixels.
@@ -174,7 +175,7 @@ class ForwardModel(eqx.Module):
         -------
         (n_pix,) model flux.
         """
-        weights = jnp.asarray(weights)
+        weights = jnp.asarray(weights).astype(self.additive.dtype)
         # Mix the templates first (linear), so only one inverse FFT per spectrum is needed.
         mixed = self._losvd_fts(losvds) * self.template_fft * weights[:, None]
         starts = np.cumsum((0,) + self.component_sizes)
@@ -183,7 +184,7 @@ class ForwardModel(eqx.Module):
         ).sum(axis=0)
         model = self._sample(per_component) * self.multiplicative_polynomial(mult_coeffs)
         if add_coeffs is not None and self.degree >= 0:
-            model = model + jnp.asarray(add_coeffs) @ self.additive
+            model = model + jnp.asarray(add_coeffs).astype(model.dtype) @ self.additive
         return model
 
 
