@@ -125,11 +125,13 @@ def log_rebin_matrix(wave, velscale=None, *, ln_edge_start=None, n_out=None):
     cuts = np.union1d(new, inner)
     length = np.diff(cuts)
     mid = 0.5 * (cuts[1:] + cuts[:-1])
-    keep = length > 0
-    mid, length = mid[keep], length[keep]
     i = np.clip(np.searchsorted(edges, mid, side="right") - 1, 0, edges.size - 2)
     j = np.clip(np.searchsorted(new, mid, side="right") - 1, 0, new.size - 2)
     width = np.diff(new)
+    # Drop round-off slivers where an input edge coincides with an output edge, so
+    # that a NaN or masked pixel does not leak into a neighbour by 1e-13 of a bin.
+    keep = length > 1e-12 * width[j]
+    i, j, length = i[keep], j[keep], length[keep]
     weights = sp.coo_matrix(
         (length / width[j], (j, i)), shape=(width.size, edges.size - 1)
     ).tocsr()

@@ -1,0 +1,418 @@
+"""The ``Spectrum`` container, a 1D FITS reader and emission-line masks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from kinjax.constants import C_KMS
+from kinjax.errors import KinjaxError
+from kinjax.rebin import log_rebin_matrix
+
+__all__ = [
+    "Spectrum",
+    "read_spectrum",
+    "emission_line_mask",
+    "EMISSION_LINES",
+    "EMISSION_LINES_EXTENDED",
+]
+
+#: Rest-frame air wavelengths (Å) of the gas emission lines masked by default:
+#: [OII]3726,3729, Hδ, Hγ, Hβ, [OIII]4959,5007, [OI]6300, [NII]6548,6583, Hα,
+#: [SII]6716,6731. This is the list pPXF's ``determine_goodpixels`` uses, so the
+#: default mask reproduces pPXF's good pixels.
+EMISSION_LINES = {
+    "[OII]3726": 3726.03,
+    "[OII]3729": 3728.82,
+    "Hdelta": 4101.76,
+    "Hgamma": 4340.47,
+    "Hbeta": 4861.33,
+    "[OIII]4959": 4958.92,
+    "[OIII]5007": 5006.84,
+    "[OI]6300": 6300.30,
+    "[NII]6548": 6548.03,
+    "[NII]6583": 6583.41,
+    "Halpha": 6562.80,
+    "[SII]6716": 6716.47,
+    "[SII]6731": 6730.85,
+}
+
+#: ``EMISSION_LINES`` plus [OI]6364 and the [NI]5198,5200 doublet (air Å).
+EMISSION_LINES_EXTENDED = {
+    **EMISSION_LINES,
+    "[OI]6364": 6363.67,
+    "[NI]5198": 5197.90,
+    "[NI]5200": 5200.26,
+}
+
+#: Pixels this close (km/s) to a template edge are masked when a template range is given.
+_TEMPLATE_EDGE_KMS = 900.0
+
+
+def _readonly(a, dtype=np.float64):
+    a = np.array(a, dtype=dtype)  # a private copy
+    a.flags.writeable = False
+    return a
+
+
+def _check_fwhm(fwhm, n_pix, what):
+    """Validate an instrumental FWHM: scalar or (n_pix,), finite and > 0 (Å)."""
+    arr = np.asarray(fwhm, dtype=np.float64)
+    if arr.ndim == 0:
+        if not (np.isfinite(arr) and arr > 0):
+            raise KinjaxError(f"{what} fwhm must be finite and > 0 Å, got {float(arr)}")
+        return float(arr)
+    if arr.shape != (n_pix,):
+        raise KinjaxError(f"{what} fwhm must be a scalar or shape ({n_pix},), got {arr.shape}")
+    if not (np.all(np.isfinite(arr)) and np.all(arr > 0)):
+        raise KinjaxError(f"{what} fwhm must be finite and > 0 Å at every pixel")
+    return _readonly(arr)
+
+
+def _check_log_sampling(wave, velscale, what):
+    """Raise unless ln(wave) is uniform with step velscale / C_KMS (rtol 1e-6)."""
+    velscale = float(velscale)
+    if not (np.isfinite(velscale) and velscale > 0):
+        raise KinjaxError(f"{what} velscale must be a positive number of km/s, got {velscale}")
+    step = np.diff(np.log(wave))
+    expected = velscale / C_KMS
+    if np.any(np.abs(step - expected) > 1e-6 * expected):
+        raise KinjaxError(
+            f"{what} has velscale={velscale:g} km/s but ln(wave) is not uniform with that step "
+            f"(found {C_KMS * step.min():.6g}..{C_KMS * step.max():.6g} km/s); log-rebin it "
+            "or pass velscale=None"
+        )
+    return velscale
+
+
+def _check_wave(wave, what):
+    if wave.ndim != 1 or wave.size < 2:
+        raise KinjaxError(f"{what} wave must be 1D with at least 2 pixels, got shape {wave.shape}")
+    if not np.all(np.isfinite(wave)) or np.any(wave <= 0):
+        raise KinjaxError(f"{what} wave must be finite and positive (Å)")
+    if np.any(np.diff(wave) <= 0):
+        raise KinjaxError(f"{what} wave must be strictly increasing; sort it by wavelength")
+
+
+@dataclass(frozen=True)
+class Spectrum:
+    """One galaxy spectrum with its noise, mask and instrumental resolution.
+
+    Parameters
+    ----------
+    wave : ndarray, shape (n_pix,)
+        Pixel-centre wavelengths in Å (observed frame), strictly increasing.
+    flux : ndarray, shape (n_pix,)
+        Flux density (any units).
+    noise : ndarray, shape (n_pix,)
+        1σ error per pixel, same units as ``flux``.
+    mask : ndarray of bool, shape (n_pix,)
+        True = good pixel. ``None`` means all pixels good.
+    fwhm : float or ndarray, shape (n_pix,)
+        Instrumental FWHM in Å (observed frame).
+    redshift : float
+        Systemic redshift; fitted velocities are relative to ``C_KMS * ln(1 + redshift)``.
+    velscale : float or None
+        km/s per pixel if ``ln(wave)`` is uniform (log-rebinned), else None.
+    name : str
+        A label.
+
+    Notes
+    -----
+    Validation (each failure raises ``KinjaxError``):
+
+    * Pixels with non-finite flux are masked automatically. Good pixels (after
+      that) must have finite noise > 0: a user who declared a pixel good but
+      gave it zero, negative or non-finite noise gets an error, not a silent
+      mask.
+    * On masked pixels anything goes; to keep downstream arithmetic (and its
+      gradients) free of NaN, non-finite flux there is stored as 0 and
+      unusable noise as the median good-pixel noise. These pixels stay masked.
+    * At least one good pixel must remain.
+
+    All arrays are float64 (mask bool) private read-only copies.
+    """
+
+    wave: np.ndarray
+    flux: np.ndarray
+    noise: np.ndarray
+    mask: np.ndarray | None
+    fwhm: float | np.ndarray
+    redshift: float = 0.0
+    velscale: float | None = None
+    name: str = ""
+
+    def __post_init__(self):
+        wave = np.array(self.wave, dtype=np.float64)
+        _check_wave(wave, "Spectrum")
+        n = wave.size
+        flux = np.array(self.flux, dtype=np.float64)
+        noise = np.array(self.noise, dtype=np.float64)
+        if noise.ndim == 0:
+            noise = np.full(flux.shape, float(noise))
+        mask = np.ones(n, bool) if self.mask is None else np.array(self.mask, dtype=bool)
+        for label, a in (("flux", flux), ("noise", noise), ("mask", mask)):
+            if a.shape != (n,):
+                raise KinjaxError(f"Spectrum {label} has shape {a.shape}, expected ({n},) like wave")
+        good = mask & np.isfinite(flux)
+        bad_noise = good & ~(np.isfinite(noise) & (noise > 0))
+        if bad_noise.any():
+            raise KinjaxError(
+                f"{bad_noise.sum()} good pixels have zero, negative or non-finite noise; "
+                "pass noise=... with positive values or mask those pixels"
+            )
+        if not good.any():
+            raise KinjaxError(
+                "Spectrum has no usable pixel (all masked or non-finite flux); check the data and mask"
+            )
+        flux[~good & ~np.isfinite(flux)] = 0.0
+        fix = ~good & ~(np.isfinite(noise) & (noise > 0))
+        noise[fix] = np.median(noise[good])
+        redshift = float(self.redshift)
+        if not (np.isfinite(redshift) and redshift > -1):
+            raise KinjaxError(f"redshift must be finite and > -1, got {redshift}")
+        velscale = None if self.velscale is None else _check_log_sampling(wave, self.velscale, "Spectrum")
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
+        set_("wave", _readonly(wave))
+        set_("flux", _readonly(flux))
+        set_("noise", _readonly(noise))
+        set_("mask", _readonly(good, bool))
+        set_("fwhm", _check_fwhm(self.fwhm, n, "Spectrum"))
+        set_("redshift", redshift)
+        set_("velscale", velscale)
+        set_("name", str(self.name))
+
+    # -- properties -----------------------------------------------------------------
+    @property
+    def ln_wave(self) -> np.ndarray:
+        """(n_pix,) natural log of the pixel-centre wavelengths (Å)."""
+        return np.log(self.wave)
+
+    @property
+    def n_pix(self) -> int:
+        """Number of pixels."""
+        return self.wave.size
+
+    @property
+    def n_good(self) -> int:
+        """Number of good (unmasked) pixels."""
+        return int(self.mask.sum())
+
+    @property
+    def is_log(self) -> bool:
+        """True if the spectrum is log-sampled (``velscale`` set)."""
+        return self.velscale is not None
+
+    # -- derived spectra ------------------------------------------------------------
+    def log_rebin(self, velscale=None, **kwargs) -> "Spectrum":
+        """Flux-conserving rebinning onto a ln λ grid (see ``kinjax.rebin.log_rebin``).
+
+        Parameters
+        ----------
+        velscale : float, optional
+            km/s per output pixel; ``None`` keeps the number of pixels.
+        **kwargs
+            ``ln_edge_start``, ``n_out`` as in ``kinjax.rebin.log_rebin``.
+
+        Returns
+        -------
+        Spectrum
+            Log-sampled copy. Noise is propagated as the square root of the
+            rebinned variance (neighbouring pixels become correlated). An output
+            pixel is good only if every input pixel overlapping it was good. An
+            array ``fwhm`` is interpolated onto the new pixel centres.
+        """
+        ln_wave, w, velscale = log_rebin_matrix(self.wave, velscale, **kwargs)
+        flux = w @ self.flux
+        noise = np.sqrt(w.multiply(w) @ self.noise**2)
+        touched_bad = w @ (~self.mask).astype(np.float64)
+        mask = touched_bad == 0
+        wave = np.exp(ln_wave)
+        fwhm = self.fwhm if np.ndim(self.fwhm) == 0 else np.interp(wave, self.wave, self.fwhm)
+        return replace(
+            self, wave=wave, flux=flux, noise=noise, mask=mask, fwhm=fwhm, velscale=velscale
+        )
+
+    def with_mask(self, good) -> "Spectrum":
+        """Copy with ``mask = self.mask & good`` (good: (n_pix,) bool, True = keep)."""
+        good = np.asarray(good, dtype=bool)
+        if good.shape != (self.n_pix,):
+            raise KinjaxError(f"mask has shape {good.shape}, expected ({self.n_pix},)")
+        return replace(self, mask=self.mask & good)
+
+    def with_noise(self, noise) -> "Spectrum":
+        """Copy with a new 1σ noise: a scalar or (n_pix,) array (flux units)."""
+        return replace(self, noise=noise)
+
+    def masked_emission_lines(
+        self, width=800.0, *, redshift=None, lines=None, template_range=None
+    ) -> "Spectrum":
+        """Copy with the gas emission-line regions masked (see ``emission_line_mask``).
+
+        ``redshift`` defaults to ``self.redshift``; pass the galaxy's actual
+        redshift if the systemic one is left at 0.
+        """
+        z = self.redshift if redshift is None else redshift
+        good = emission_line_mask(
+            self.wave, redshift=z, width=width, lines=lines, template_range=template_range
+        )
+        return self.with_mask(good)
+
+
+def emission_line_mask(wave, redshift=0.0, width=800.0, lines=None, *, template_range=None):
+    """Good-pixel mask that excludes the usual optical gas emission lines.
+
+    Parameters
+    ----------
+    wave : array_like, shape (n_pix,)
+        Pixel-centre wavelengths in Å (observed frame).
+    redshift : float
+        Redshift at which the lines are expected.
+    width : float
+        Half-width in km/s of each masked region: a pixel is masked when
+        ``|ln(λ_pixel) − ln(λ_line (1 + z))| < width / C_KMS`` (strict). This is
+        pPXF's ``determine_goodpixels`` convention (its default 800 km/s masks
+        1600 km/s in all).
+    lines : dict or array_like, optional
+        Rest-frame wavelengths (Å) to mask; default ``EMISSION_LINES`` (the list
+        pPXF uses). ``EMISSION_LINES_EXTENDED`` adds [OI]6364 and [NI]5198,5200.
+    template_range : (float, float), optional
+        Rest-frame [λ_min, λ_max] (Å) of the stellar templates. If given, pixels
+        within 900 km/s of either edge, redshifted, are masked too, as pPXF does.
+
+    Returns
+    -------
+    ndarray of bool, shape (n_pix,)
+        True = good pixel.
+    """
+    ln_wave = np.log(np.asarray(wave, dtype=np.float64))
+    if lines is None:
+        lines = EMISSION_LINES
+    if isinstance(lines, dict):
+        lines = list(lines.values())
+    lines = np.atleast_1d(np.asarray(lines, dtype=np.float64))
+    if not (np.isfinite(width) and width > 0):
+        raise KinjaxError(f"width must be a positive number of km/s, got {width}")
+    centres = np.log(lines * (1 + redshift))
+    hw = width / C_KMS
+    bad = np.any(
+        (ln_wave[:, None] > centres - hw) & (ln_wave[:, None] < centres + hw), axis=1
+    )
+    if template_range is not None:
+        lo, hi = np.log(np.asarray(template_range, dtype=np.float64) * (1 + redshift))
+        edge = _TEMPLATE_EDGE_KMS / C_KMS
+        bad |= (ln_wave > hi - edge) | (ln_wave < lo + edge)
+    return ~bad
+
+
+# -- FITS reader -------------------------------------------------------------------
+
+_SIGMA_EXT = ("NOISE", "ERROR", "ERR", "SIGMA")
+_VAR_EXT = ("VAR", "VARIANCE", "STAT")
+_IVAR_EXT = ("IVAR",)
+_UNIT_TO_ANGSTROM = {"": 1.0, "angstrom": 1.0, "angstroms": 1.0, "a": 1.0, "nm": 10.0,
+                     "um": 1e4, "micron": 1e4}
+
+
+def _linear_wave(header, n, path):
+    """Linear wavelength axis (Å) from CRVAL1, CDELT1 or CD1_1, CRPIX1 (default 1)."""
+    if "CRVAL1" not in header:
+        raise KinjaxError(f"{path} has no CRVAL1 keyword; cannot build the wavelength axis")
+    step = header.get("CDELT1", header.get("CD1_1"))
+    if step is None:
+        raise KinjaxError(f"{path} has neither CDELT1 nor CD1_1; cannot build the wavelength axis")
+    ctype = str(header.get("CTYPE1", "")).upper()
+    if "LOG" in ctype or header.get("DC-FLAG", 0) == 1:
+        raise KinjaxError(
+            f"{path} has a logarithmic wavelength axis; only linear axes are read, "
+            "build the Spectrum from arrays instead"
+        )
+    unit = str(header.get("CUNIT1", "")).strip().lower()
+    if unit not in _UNIT_TO_ANGSTROM:
+        raise KinjaxError(f"{path}: unknown wavelength unit CUNIT1={unit!r}; expected Angstrom or nm")
+    pix = np.arange(1, n + 1, dtype=np.float64)
+    wave = header["CRVAL1"] + (pix - header.get("CRPIX1", 1.0)) * step
+    return wave * _UNIT_TO_ANGSTROM[unit]
+
+
+def _noise_from_extensions(hdul, n):
+    """(noise, extra_good) from a NOISE/ERROR/ERR, VAR or IVAR extension, or None."""
+    names = {h.name.upper(): h for h in hdul[1:]}
+    for key in _SIGMA_EXT + _VAR_EXT + _IVAR_EXT:
+        if key in names and names[key].data is not None:
+            data = np.asarray(names[key].data, dtype=np.float64).squeeze()
+            if data.shape != (n,):
+                raise KinjaxError(f"extension {key} has shape {data.shape}, expected ({n},)")
+            with np.errstate(divide="ignore", invalid="ignore"):
+                if key in _SIGMA_EXT:
+                    return data, np.ones(n, bool)
+                if key in _VAR_EXT:
+                    return np.sqrt(data), data > 0
+                return 1 / np.sqrt(data), data > 0  # IVAR <= 0 flags unusable pixels
+    return None
+
+
+def read_spectrum(path, *, noise=None, fwhm=None, redshift=0.0, hdu=0, name=None) -> Spectrum:
+    """Read a 1D FITS spectrum with a linear wavelength axis.
+
+    Parameters
+    ----------
+    path : str or Path
+        FITS file; HDU ``hdu`` holds the flux as a 1D image with CRVAL1, CDELT1
+        (or CD1_1) and CRPIX1 (default 1) in Å (CUNIT1 nm is converted).
+    noise : float or array_like (n_pix,), optional
+        1σ noise. If None, an extension NOISE/ERROR/ERR (σ), VAR/VARIANCE/STAT
+        (variance) or IVAR (inverse variance; ivar <= 0 pixels are masked) is used.
+    fwhm : float or array_like (n_pix,), optional
+        Instrumental FWHM in Å; if None the header keyword FWHM is used.
+    redshift : float
+        Systemic redshift.
+    hdu : int or str
+        HDU holding the flux.
+    name : str, optional
+        Label; default the file stem.
+
+    Returns
+    -------
+    Spectrum
+        Linear sampling (``velscale=None``); call ``.log_rebin()`` before fitting.
+    """
+    from astropy.io import fits  # lazy: keeps `import kinjax` fast
+
+    path = Path(path)
+    if not path.exists():
+        raise KinjaxError(f"{path} does not exist")
+    with fits.open(path) as hdul:
+        header = hdul[hdu].header
+        data = hdul[hdu].data
+        if data is None or np.asarray(data).squeeze().ndim != 1:
+            shape = None if data is None else np.shape(data)
+            raise KinjaxError(
+                f"{path} HDU {hdu} is not a 1D spectrum (data shape {shape}); "
+                "use kinjax.cube for cubes or pick another hdu"
+            )
+        flux = np.asarray(data, dtype=np.float64).squeeze()
+        n = flux.size
+        wave = _linear_wave(header, n, path)
+        mask = np.ones(n, bool)
+        if noise is None:
+            found = _noise_from_extensions(hdul, n)
+            if found is None:
+                raise KinjaxError(
+                    f"{path} has no NOISE/ERROR/ERR/VAR/IVAR extension; pass noise=... "
+                    "(1σ per pixel, scalar or array)"
+                )
+            noise, mask = found
+            mask = mask & np.isfinite(noise)  # the file flags these pixels as unusable
+        if fwhm is None:
+            if "FWHM" not in header:
+                raise KinjaxError(
+                    f"{path} gives no instrumental resolution; pass fwhm=... (Å, FWHM)"
+                )
+            fwhm = float(header["FWHM"])
+    return Spectrum(
+        wave=wave, flux=flux, noise=noise, mask=mask, fwhm=fwhm,
+        redshift=redshift, name=path.stem if name is None else name,
+    )

@@ -1,0 +1,203 @@
+"""Tests for kinjax.spectrum: validation, log-rebinning, emission-line masks, FITS reader."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from kinjax.constants import C_KMS
+from kinjax.errors import KinjaxError
+from kinjax.rebin import pixel_edges
+from kinjax.spectrum import (
+    EMISSION_LINES_EXTENDED,
+    Spectrum,
+    emission_line_mask,
+    read_spectrum,
+)
+
+
+def _spec(n=200, **kw):
+    wave = np.linspace(4800, 5300, n)
+    args = dict(wave=wave, flux=1 + 0.1 * np.sin(wave / 7), noise=np.full(n, 0.01),
+                mask=np.ones(n, bool), fwhm=4.2)
+    args.update(kw)
+    return Spectrum(**args)
+
+
+def test_validation_errors():
+    n = 200
+    with pytest.raises(KinjaxError, match="3 good pixels"):
+        noise = np.full(n, 0.01)
+        noise[[3, 4, 5]] = [0.0, -1.0, np.nan]
+        _spec(noise=noise)
+    with pytest.raises(KinjaxError, match="no usable pixel"):
+        _spec(mask=np.zeros(n, bool))
+    with pytest.raises(KinjaxError):
+        _spec(wave=np.linspace(5300, 4800, n))
+    with pytest.raises(KinjaxError):
+        _spec(flux=np.ones(n + 1))
+    with pytest.raises(KinjaxError):
+        _spec(fwhm=0.0)
+    with pytest.raises(KinjaxError):
+        _spec(fwhm=np.full(n, np.nan))
+    with pytest.raises(KinjaxError, match="not uniform"):
+        _spec(velscale=60.0)  # linear wave is not log-uniform
+    with pytest.raises(KinjaxError):
+        _spec(redshift=-2.0)
+
+
+def test_nan_flux_is_masked_and_sanitised():
+    flux = np.ones(200)
+    flux[10] = np.nan
+    noise = np.full(200, 0.01)
+    noise[10] = np.nan  # unusable noise is fine where the flux is unusable too
+    s = _spec(flux=flux, noise=noise)
+    assert not s.mask[10] and s.n_good == 199
+    assert np.all(np.isfinite(s.flux)) and np.all(np.isfinite(s.noise))
+    assert s.flux.dtype == np.float64 and not s.flux.flags.writeable
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.name = "x"
+    with pytest.raises(ValueError):
+        s.flux[0] = 2.0
+    # masked pixels may carry zero noise
+    mask = np.ones(200, bool)
+    mask[:5] = False
+    noise = np.full(200, 0.01)
+    noise[:5] = 0
+    assert _spec(mask=mask, noise=noise).n_good == 195
+
+
+def test_log_rebin_noise_mask_and_fwhm():
+    # Input already log-uniform at 30 km/s; rebinning at 60 km/s pairs pixels, so
+    # σ_out = σ/√2 and an output pixel is bad iff one of its two inputs is bad.
+    ln = np.log(4800) + 30 / C_KMS * np.arange(400)
+    wave = np.exp(ln)
+    mask = np.ones(400, bool)
+    mask[101] = False
+    fwhm = np.linspace(4.0, 5.0, 400)
+    s = Spectrum(wave, np.ones(400), np.full(400, 0.02), mask, fwhm, velscale=30.0)
+    assert s.is_log
+    r = s.log_rebin(60.0)
+    assert r.is_log and r.velscale == pytest.approx(60.0) and r.n_pix == 200
+    # arithmetic-midpoint input edges are off the log grid by ~Δlnλ/8 of a pixel
+    np.testing.assert_allclose(r.noise, 0.02 / np.sqrt(2), rtol=1e-4)
+    bad = np.flatnonzero(~r.mask)  # pixel 101 sits in output 50 (and ~1e-5 of it in 51)
+    assert 50 in bad and set(bad) <= {50, 51}
+    np.testing.assert_allclose(r.fwhm, np.interp(r.wave, wave, fwhm))
+    np.testing.assert_allclose(r.flux, 1.0, rtol=1e-12)
+
+
+def test_log_rebin_mask_touching_linear():
+    s = _spec()
+    mask = np.ones(200, bool)
+    mask[77] = False
+    r = s.with_mask(mask).log_rebin()
+    e = np.exp(np.concatenate([r.ln_wave - r.velscale / C_KMS / 2, [r.ln_wave[-1] + r.velscale / C_KMS / 2]]))
+    pe = pixel_edges(s.wave)
+    touches = (e[1:] > pe[77]) & (e[:-1] < pe[78])
+    np.testing.assert_array_equal(~r.mask, touches)
+    assert r.n_pix == 200 and r.fwhm == 4.2
+
+
+def test_with_noise_and_mask():
+    s = _spec()
+    assert np.all(s.with_noise(0.5).noise == 0.5)
+    good = np.ones(200, bool)
+    good[:10] = False
+    assert s.with_mask(good).n_good == 190
+    with pytest.raises(KinjaxError):
+        s.with_mask(good[:-1])
+    with pytest.raises(KinjaxError):
+        s.with_noise(0.0)
+
+
+def test_emission_mask_convention():
+    # Hβ at z=0: masked strictly within ±width km/s (half-width convention).
+    wave = 4861.33 * np.exp(np.array([-801, -799, 0, 799, 801]) / C_KMS)
+    np.testing.assert_array_equal(emission_line_mask(wave), [True, False, False, False, True])
+    np.testing.assert_array_equal(emission_line_mask(wave, width=1000), [False] * 5)
+    # [NI]5200 only with the extended list
+    w = np.array([5199.0, 5199.5])
+    assert emission_line_mask(w).all()
+    assert not emission_line_mask(w, lines=EMISSION_LINES_EXTENDED).any()
+    # redshift moves the lines
+    assert emission_line_mask(wave * 1.01).all()
+    np.testing.assert_array_equal(emission_line_mask(wave * 1.01, redshift=0.01),
+                                  [True, False, False, False, True])
+
+
+@pytest.mark.parametrize("z, width, lam_range_temp", [
+    (0.0015, 800, None),          # the SAURON example's set-up
+    (0.0, 800, None),
+    (0.0015, 400, None),
+    (0.0015, 800, (4500.0, 5250.0)),  # template edge inside the galaxy range
+])
+def test_mask_matches_ppxf_goodpixels(z, width, lam_range_temp):
+    util = pytest.importorskip("ppxf.ppxf_util")
+    from kinjax.datasets import ngc4550
+
+    s = ngc4550().log_rebin()
+    if lam_range_temp is None:
+        # pPXF's example: templates cut to the galaxy range ± 2 %.
+        lam_range_temp = (s.wave[0] / 1.02, s.wave[-1] * 1.02)
+        ours = emission_line_mask(s.wave, redshift=z, width=width)
+    else:
+        ours = emission_line_mask(s.wave, redshift=z, width=width, template_range=lam_range_temp)
+    try:
+        goodpixels = util.determine_goodpixels(s.ln_wave, lam_range_temp, z, width=width)
+    except Exception as exc:
+        pytest.skip(f"ppxf.determine_goodpixels failed: {exc!r}")
+    np.testing.assert_array_equal(np.flatnonzero(ours), goodpixels)
+    assert 0 < ours.sum() < s.n_pix
+    masked = s.masked_emission_lines(width, redshift=z)
+    if lam_range_temp == (s.wave[0] / 1.02, s.wave[-1] * 1.02):
+        np.testing.assert_array_equal(np.flatnonzero(masked.mask), goodpixels)
+
+
+def _write(path, flux, header=None, ext=None):
+    from astropy.io import fits
+
+    hdus = [fits.PrimaryHDU(flux, header=fits.Header(header or {}))]
+    for name, data in (ext or {}).items():
+        hdus.append(fits.ImageHDU(data, name=name))
+    fits.HDUList(hdus).writeto(path)
+    return path
+
+
+def test_read_spectrum(tmp_path):
+    n = 50
+    flux = np.linspace(1, 2, n)
+    hdr = {"CRVAL1": 5000.0, "CDELT1": 2.0, "CRPIX1": 11.0, "FWHM": 3.0}
+    p = _write(tmp_path / "a.fits", flux, hdr, {"NOISE": np.full(n, 0.1)})
+    s = read_spectrum(p)
+    np.testing.assert_allclose(s.wave, 5000 + 2 * (np.arange(n) - 10))
+    np.testing.assert_allclose(s.flux, flux)
+    assert s.fwhm == 3.0 and s.name == "a" and np.all(s.noise == 0.1)
+    # IVAR extension: σ = 1/sqrt(ivar), ivar = 0 masks the pixel; CD1_1 and nm units
+    ivar = np.full(n, 4.0)
+    ivar[5] = 0
+    hdr = {"CRVAL1": 500.0, "CD1_1": 0.2, "CUNIT1": "nm"}
+    s = read_spectrum(_write(tmp_path / "b.fits", flux, hdr, {"IVAR": ivar}), fwhm=2.0)
+    np.testing.assert_allclose(s.wave, 5000 + 2.0 * np.arange(n))
+    assert s.noise[0] == pytest.approx(0.5) and not s.mask[5] and s.n_good == n - 1
+    # VAR extension
+    s = read_spectrum(_write(tmp_path / "v.fits", flux, hdr, {"VAR": np.full(n, 0.09)}), fwhm=2.0)
+    np.testing.assert_allclose(s.noise, 0.3)
+    # scalar noise argument
+    s = read_spectrum(tmp_path / "b.fits", noise=0.2, fwhm=2.0, redshift=0.01, name="x")
+    assert s.redshift == 0.01 and s.name == "x" and s.n_good == n
+
+
+def test_read_spectrum_errors(tmp_path):
+    n = 20
+    hdr = {"CRVAL1": 5000.0, "CDELT1": 2.0}
+    p = _write(tmp_path / "c.fits", np.ones(n), hdr)
+    with pytest.raises(KinjaxError, match="pass noise"):
+        read_spectrum(p, fwhm=2.0)
+    with pytest.raises(KinjaxError, match="fwhm"):
+        read_spectrum(p, noise=0.1)
+    p2 = _write(tmp_path / "d.fits", np.ones((3, n)), hdr)
+    with pytest.raises(KinjaxError, match="not a 1D spectrum"):
+        read_spectrum(p2, noise=0.1, fwhm=2.0)
+    with pytest.raises(KinjaxError, match="does not exist"):
+        read_spectrum(tmp_path / "nope.fits", noise=0.1, fwhm=2.0)
