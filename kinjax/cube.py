@@ -450,6 +450,13 @@ def _pixel_scales(header, default):
     return (sx if sx > 0 else default), (sy if sy > 0 else default)
 
 
+def _require(hdul, extnames, path, layout):
+    """KinjaxError unless every extension in ``extnames`` is present with data."""
+    missing = [e for e in extnames if e not in hdul or hdul[e].data is None]
+    if missing:
+        raise KinjaxError(f"{path}: not a {layout} file: missing extension(s) {', '.join(missing)}")
+
+
 def _flatten_cube(data):
     """(n_wave, n_y, n_x) → (n_y * n_x, n_wave)."""
     n_wave = data.shape[0]
@@ -544,6 +551,7 @@ def read_muse(path, *, fwhm=None, redshift=0.0, require_fwhm=True) -> Cube:
     if fwhm is None and require_fwhm:
         raise KinjaxError(f"{path}: MUSE files do not carry the instrumental FWHM reliably; pass fwhm=... / --fwhm (Å)")
     with fits.open(path) as hdul:
+        _require(hdul, ("DATA", "STAT"), path, "MUSE")
         hdr = hdul["DATA"].header
         data = np.asarray(hdul["DATA"].data)
         stat = np.asarray(hdul["STAT"].data)
@@ -609,6 +617,7 @@ def read_manga(path, *, fwhm=None, redshift=0.0, require_fwhm=True) -> Cube:
     from astropy.io import fits
 
     with fits.open(path) as hdul:
+        _require(hdul, ("FLUX", "IVAR", "WAVE"), path, "MaNGA LOGCUBE")
         flux_c = np.asarray(hdul["FLUX"].data)
         ivar_c = np.asarray(hdul["IVAR"].data)
         bits_c = np.asarray(hdul["MASK"].data) if "MASK" in hdul else None

@@ -376,3 +376,12 @@ def test_voronoi_bin_masks_and_edge_cases():
         cube.voronoi_bin(60.0, min_sn=100.0)
     with pytest.raises(KinjaxError, match="Not enough S/N"):
         cube.voronoi_bin(1e4)
+
+
+def test_forced_format_on_the_wrong_file_names_what_is_missing(tmp_path):
+    path = tmp_path / "data_only.fits"
+    fits.HDUList([fits.PrimaryHDU(), fits.ImageHDU(np.ones((4, 3, 3)), name="DATA")]).writeto(path)
+    with pytest.raises(KinjaxError, match="not a MUSE file: missing extension.*STAT"):
+        read_cube(path, "muse", fwhm=2.6)
+    with pytest.raises(KinjaxError, match="missing extension.*FLUX, IVAR, WAVE"):
+        read_cube(path, "manga")

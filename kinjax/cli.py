@@ -1,0 +1,222 @@
+"""The ``kinjax`` command.
+
+One small function per subcommand (``_cmd_<name>(args) -> int``), registered in
+`_build_parser`; `main` runs it inside a single handler that turns bad input into a
+one-line ``kinjax: error: ...`` on stderr and exit status 2, never a traceback.
+
+    kinjax info FILE|ngc4550|emiles    JSON summary of a cube, a spectrum or the templates
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from kinjax.errors import KinjaxError
+
+__all__ = ["main"]
+
+#: Exit status for bad input (as argparse uses for bad options).
+EXIT_ERROR = 2
+#: Names that ``kinjax info`` understands besides file paths.
+BUILTIN_NAMES = ("ngc4550", "emiles")
+
+
+# ---------------------------------------------------------------------- helpers
+def _jsonable(value):
+    """NumPy scalars/arrays → Python; NaN/inf → None (JSON has no NaN)."""
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value) if np.isfinite(value) else None
+    return value
+
+
+def _fwhm_summary(fwhm):
+    """A scalar FWHM (Å), the median of a per-pixel one, or None when unknown."""
+    if fwhm is None:
+        return None
+    return float(np.median(fwhm))
+
+
+def _median_snr(flux, noise, mask):
+    good = mask & np.isfinite(flux) & (noise > 0)
+    return float(np.median(flux[good] / noise[good])) if good.any() else None
+
+
+def _cube_info(path, args) -> dict:
+    from astropy.io import fits
+
+    from kinjax.cube import detect_format, read_cube
+
+    fmt = args.format
+    if fmt is None:
+        with fits.open(path) as hdul:
+            fmt = detect_format(hdul)
+    if fmt == "spectrum":
+        return _spectrum_info(path, args)
+    cube = read_cube(path, fmt, fwhm=args.fwhm, require_fwhm=False)
+    shape = [cube.n_wave, *cube.grid_shape] if cube.grid_shape else [cube.n_wave, cube.n_spaxels]
+    snr = cube.snr()
+    return {
+        "kind": "cube",
+        "file": str(path),
+        "format": cube.format,
+        "name": cube.name,
+        "shape": shape,
+        "wave_min": cube.wave[0],
+        "wave_max": cube.wave[-1],
+        "n_spaxels": cube.n_spaxels,
+        "n_valid_spaxels": int(cube.valid.sum()),
+        "velscale": cube.velscale,
+        "fwhm": _fwhm_summary(cube.fwhm),
+        "median_snr": float(np.nanmedian(snr)) if np.isfinite(snr).any() else None,
+    }
+
+
+def _spectrum_summary(spec, **extra) -> dict:
+    return {
+        "kind": "spectrum",
+        "name": spec.name,
+        "n_wave": int(spec.wave.size),
+        "wave_min": spec.wave[0],
+        "wave_max": spec.wave[-1],
+        "velscale": spec.velscale,
+        "fwhm": _fwhm_summary(spec.fwhm),
+        "n_good": int(np.sum(spec.mask)),
+        "median_snr": _median_snr(spec.flux, spec.noise, spec.mask),
+        "redshift": spec.redshift,
+        **extra,
+    }
+
+
+def _spectrum_info(path, args) -> dict:
+    """Summary of a 1D FITS spectrum; a missing noise or FWHM is reported as null."""
+    from kinjax.spectrum import read_spectrum
+
+    # `info` describes what is there: fall back to placeholders for what the file lacks
+    attempts = [dict(fwhm=args.fwhm), dict(fwhm=args.fwhm or 1.0), dict(fwhm=args.fwhm or 1.0, noise=1.0)]
+    for i, kwargs in enumerate(attempts):
+        try:
+            spec = read_spectrum(path, **kwargs)
+            break
+        except KinjaxError:
+            if i == len(attempts) - 1:
+                raise
+    info = _spectrum_summary(spec, file=str(path))
+    if i >= 1 and args.fwhm is None:
+        info["fwhm"] = None
+    if i == 2:
+        info["median_snr"] = None
+    return info
+
+
+def _unique(values):
+    """Sorted unique values (rounded to 6 decimals), or None when not known."""
+    return None if values is None else sorted({round(float(v), 6) for v in np.ravel(values)})
+
+
+def _templates_info(templates) -> dict:
+    return {
+        "kind": "templates",
+        "n_templates": int(np.shape(templates.flux)[0]),
+        "n_pix": int(np.shape(templates.flux)[-1]),
+        "ages": _unique(templates.age),
+        "metallicities": _unique(templates.metal),
+        "wave_min": float(np.min(templates.wave)),
+        "wave_max": float(np.max(templates.wave)),
+        "velscale": templates.velscale,
+        "fwhm": _fwhm_summary(templates.fwhm),
+    }
+
+
+# ---------------------------------------------------------------------- subcommands
+def _cmd_info(args) -> int:
+    """Print a JSON summary of a cube, a 1D spectrum or a bundled data set."""
+    target = args.target
+    path = Path(target)
+    if not path.exists() and target.lower() in BUILTIN_NAMES:
+        if target.lower() == "ngc4550":
+            from kinjax.datasets import ngc4550
+
+            info = _spectrum_summary(ngc4550(), source="ppxf package: NGC4550_SAURON.fits")
+        else:
+            from kinjax.templates import load_emiles
+
+            info = _templates_info(load_emiles())
+    elif not path.exists():
+        raise FileNotFoundError(2, "No such file", target)
+    else:
+        info = _cube_info(path, args)
+    print(json.dumps(_jsonable(info), indent=2))
+    return 0
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kinjax", description="Stellar kinematics of galaxy spectra and IFU cubes with JAX."
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    info = subparsers.add_parser(
+        "info", help="summarise a FITS cube or spectrum, or the bundled 'ngc4550' / 'emiles' data",
+        description="Print a JSON summary of FILE (a MUSE, MaNGA or ATLAS3D cube, or a 1D "
+                    "spectrum), or of the bundled example spectrum 'ngc4550' or the 'emiles' templates.",
+    )
+    info.add_argument("target", metavar="FILE", help="FITS file, or 'ngc4550' or 'emiles'")
+    info.add_argument("--format", choices=["muse", "manga", "atlas3d"], default=None,
+                      help="cube layout (default: detected from the file)")
+    info.add_argument("--fwhm", type=float, default=None, help="instrumental FWHM in Å")
+    info.set_defaults(func=_cmd_info)
+    return parser
+
+
+def _one_line(exc) -> str:
+    if isinstance(exc, FileNotFoundError):
+        name = exc.filename or str(exc)
+        return f"{name}: no such file (give the path to a FITS file, or one of: {', '.join(BUILTIN_NAMES)})"
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
+def _read_errors() -> tuple:
+    """Exceptions that mean 'bad input file' rather than a bug."""
+    errors = [KinjaxError, OSError]
+    try:
+        from astropy.io.fits.verify import VerifyError
+
+        errors.append(VerifyError)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(errors)
+
+
+def main(argv=None) -> int:
+    """Run the ``kinjax`` command line; returns the exit status (0 ok, 2 bad input)."""
+    parser = _build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse has printed usage and its own one-line message
+        return int(exc.code or 0)
+    if getattr(args, "func", None) is None:
+        parser.print_help(sys.stderr)
+        return EXIT_ERROR
+    try:
+        return int(args.func(args))
+    except _read_errors() as exc:
+        message = _one_line(exc)
+        target = getattr(args, "target", None)
+        if target and target not in message:  # e.g. astropy's "No SIMPLE card found..."
+            message = f"{target}: {message}"
+        print(f"kinjax: error: {message}", file=sys.stderr)
+        return EXIT_ERROR
