@@ -162,6 +162,65 @@ def _cmd_info(args) -> int:
     return 0
 
 
+def _write_atomically(path: Path, text: str) -> None:
+    """Write via a temporary file and rename, so no partial output is ever left."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _cmd_fit(args) -> int:
+    import jax
+
+    jax.config.update("jax_enable_x64", True)  # fits in double precision (the CLI's choice)
+    from kinjax.datasets import ngc4550
+    from kinjax.fit import fit_spectrum
+    from kinjax.spectrum import read_spectrum
+
+    out = Path(args.out)
+    if not out.parent.exists():
+        raise KinjaxError(f"{out}: the output directory does not exist")
+    if args.noise is not None and not (np.isfinite(args.noise) and args.noise > 0):
+        raise KinjaxError(f"--noise must be a positive number (got {args.noise})")
+    if args.target == "ngc4550":
+        spectrum = ngc4550()
+        if args.fwhm is not None or args.redshift is not None:
+            import dataclasses
+
+            spectrum = dataclasses.replace(
+                spectrum,
+                fwhm=args.fwhm if args.fwhm is not None else spectrum.fwhm,
+                redshift=args.redshift if args.redshift is not None else spectrum.redshift,
+            )
+        noise = args.noise if args.noise is not None else 0.0047
+    else:
+        spectrum = read_spectrum(
+            args.target, fwhm=args.fwhm, redshift=args.redshift or 0.0,
+            noise=args.noise,
+        )
+        noise = args.noise
+    result = fit_spectrum(
+        spectrum, losvd=args.losvd, moments=args.moments, degree=args.degree, mdegree=args.mdegree,
+        noise=noise, method=args.method, seed=args.seed, mask_emission=not args.no_mask_emission,
+        progress=sys.stderr.isatty() or args.method == "nuts",
+    )
+    summary = result.summary()
+    summary["spectrum"] = args.target
+    summary["redshift"] = float(spectrum.redshift)
+    _write_atomically(out, json.dumps(_jsonable(summary), indent=2))
+    if args.save:
+        result.save(args.save)
+    brief = {k: summary[k] for k in result.names if k in summary}
+    print(json.dumps({"out": str(out), **{k: round(v, 4) for k, v in brief.items()},
+                      "chi2_dof": round(summary["chi2_dof"], 4)}))
+    return 0
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kinjax", description="Stellar kinematics of galaxy spectra and IFU cubes with JAX."
@@ -178,6 +237,26 @@ def _build_parser() -> argparse.ArgumentParser:
                       help="cube layout (default: detected from the file)")
     info.add_argument("--fwhm", type=float, default=None, help="instrumental FWHM in Å")
     info.set_defaults(func=_cmd_info)
+
+    fit = subparsers.add_parser(
+        "fit", help="fit the kinematics of one spectrum (FITS file or 'ngc4550')",
+        description="Fit the LOSVD of one spectrum and write a JSON summary. Velocities in km/s "
+                    "relative to --redshift (V = c ln(1+z)); emission lines are masked.",
+    )
+    fit.add_argument("target", metavar="SPECTRUM", help="1D FITS spectrum, or 'ngc4550'")
+    fit.add_argument("--redshift", type=float, default=None, help="systemic redshift z (default 0)")
+    fit.add_argument("--fwhm", type=float, default=None, help="instrumental FWHM in Å")
+    fit.add_argument("--noise", type=float, default=None, help="constant 1σ noise per log-rebinned pixel")
+    fit.add_argument("--losvd", choices=["gh", "se", "hist"], default="gh", help="LOSVD family (default gh)")
+    fit.add_argument("--moments", type=int, default=4, help="Gauss–Hermite moments (default 4)")
+    fit.add_argument("--degree", type=int, default=4, help="additive Legendre degree (default 4; -1 none)")
+    fit.add_argument("--mdegree", type=int, default=0, help="multiplicative Legendre degree (default 0)")
+    fit.add_argument("--method", choices=["map", "nuts"], default="map", help="map (default) or nuts")
+    fit.add_argument("--seed", type=int, default=0, help="random seed")
+    fit.add_argument("--no-mask-emission", action="store_true", help="do not mask emission lines")
+    fit.add_argument("--save", default=None, metavar="RESULT.nc", help="also save the full result (netCDF)")
+    fit.add_argument("--out", required=True, metavar="RESULT.json", help="JSON summary to write")
+    fit.set_defaults(func=_cmd_fit)
     return parser
 
 

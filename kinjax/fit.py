@@ -1,0 +1,379 @@
+"""Fitting one spectrum: point estimates with Laplace errors, and full posteriors with NUTS.
+
+:func:`fit_spectrum` prepares the data and templates (log-rebinning, emission-line mask,
+resolution matching) and then runs
+
+- ``method="map"``: variable-projection Levenberg–Marquardt with non-negative template
+  weights (:mod:`kinjax.optimize`, pPXF's scheme with no penalty), errors from the
+  Laplace approximation with the linear parameters marginalised;
+- ``method="nuts"``: the MAP fit first, then NUTS (numpyro) over the non-linear
+  parameters only, with the template weights and additive polynomial integrated out
+  analytically (:mod:`kinjax.models`). The templates are those with non-zero weight in
+  the MAP fit (the support NNLS selects), so each likelihood evaluation is cheap.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kinjax.errors import KinjaxError
+from kinjax.family import LosvdSpec, losvd_spec
+from kinjax.forward import ForwardModel, make_forward_model
+from kinjax.losvd import velocity_grid
+from kinjax.optimize import make_map_solver, make_start_finder
+from kinjax.result import FitResult
+from kinjax.templates import Templates, load_emiles, prepare_templates
+
+__all__ = ["FitSetup", "setup_fit", "fit_spectrum", "losvd_band", "losvd_band_arrays"]
+
+
+@dataclass(frozen=True)
+class FitSetup:
+    """Everything a fit of one spectrum needs, prepared once.
+
+    Attributes
+    ----------
+    spectrum : the log-rebinned, masked Spectrum
+    templates : the prepared (log-rebinned, resolution-matched) Templates
+    forward : ForwardModel
+    spec : LosvdSpec
+    """
+
+    spectrum: object
+    templates: Templates
+    forward: ForwardModel
+    spec: LosvdSpec
+
+    @functools.cached_property
+    def solver(self):
+        """The jitted MAP solver (built and compiled once per set-up)."""
+        return make_map_solver(self.forward, self.spec)
+
+    @functools.cached_property
+    def start_finder(self):
+        """The jitted starting-point scan."""
+        return make_start_finder(self.forward, self.spec)
+
+    @functools.cached_property
+    def band(self):
+        """Jitted :func:`losvd_band` for this set-up's family."""
+        return jax.jit(functools.partial(losvd_band_arrays, self.spec))
+
+    @property
+    def y(self):
+        return jnp.asarray(self.spectrum.flux)
+
+    @property
+    def weights(self):
+        return jnp.asarray(np.where(self.spectrum.mask, 1.0 / self.spectrum.noise, 0.0))
+
+
+def setup_fit(
+    spectrum,
+    templates: Templates | None = None,
+    *,
+    losvd: str = "gh",
+    moments: int = 4,
+    kernel: str = "mixture",
+    degree: int = 4,
+    mdegree: int = 0,
+    velscale_ratio: int = 2,
+    vmax: float = 2000.0,
+    noise: float | np.ndarray | None = None,
+    mask_emission: bool = True,
+    hist_vmax: float = 1000.0,
+    hist_dv: float | None = None,
+) -> FitSetup:
+    """Prepare a spectrum and templates for fitting (see :func:`fit_spectrum`)."""
+    if not spectrum.is_log:
+        spectrum = spectrum.log_rebin()
+    if noise is not None:
+        # as in pPXF, the noise is the per-pixel 1σ of the log-rebinned spectrum
+        spectrum = spectrum.with_noise(np.broadcast_to(np.asarray(noise, float), spectrum.flux.shape))
+    if templates is None:
+        templates = load_emiles()
+    if not templates.is_log:
+        templates = prepare_templates(templates, spectrum, velscale_ratio=velscale_ratio, vmax=vmax)
+    if mask_emission:
+        spectrum = spectrum.masked_emission_lines(template_range=(templates.wave[0], templates.wave[-1]))
+    if spectrum.n_good < 20:
+        raise KinjaxError(f"only {spectrum.n_good} unmasked pixels left: check the mask and the wavelength range")
+    spec = losvd_spec(losvd, moments=moments, kernel=kernel, vmax=hist_vmax, dv=hist_dv, velscale=spectrum.velscale)
+    forward = make_forward_model(templates, spectrum, degree=degree, mdegree=mdegree, vmax=vmax)
+    return FitSetup(spectrum, templates, forward, spec)
+
+
+def losvd_band_arrays(spec: LosvdSpec, thetas, velocity):
+    """LOSVD pdf, mean and dispersion of each draw: (n_draws, n_v), (n_draws,), (n_draws,)."""
+
+    def one(theta):
+        lv = spec.build(theta)
+        return lv.pdf(velocity), lv.mean, lv.dispersion
+
+    return jax.vmap(one)(thetas)
+
+
+def losvd_band(spec: LosvdSpec, thetas, velocity, _fn=None):
+    """Median and 16-84 % band of the LOSVD over parameter draws.
+
+    Parameters
+    ----------
+    thetas : (n_draws, n_losvd_params); velocity : (n_v,) km/s.
+
+    Returns
+    -------
+    median, lo, hi : (n_v,) in 1/(km/s); mean_v, dispersion : (n_draws,) km/s.
+    """
+
+    fn = _fn if _fn is not None else functools.partial(losvd_band_arrays, spec)
+    pdfs, mean_v, disp = fn(jnp.asarray(thetas), jnp.asarray(velocity))
+    lo, med, hi = np.percentile(np.asarray(pdfs), [15.865, 50.0, 84.135], axis=0)
+    return med, lo, hi, np.asarray(mean_v), np.asarray(disp)
+
+
+def _velocity_axis(setup: FitSetup, centre: float) -> np.ndarray:
+    if setup.spec.family == "hist":
+        return np.asarray(setup.spec.options["centres"])
+    dv = min(setup.spectrum.velscale / 4.0, 10.0)
+    return centre + velocity_grid(1000.0, dv)
+
+
+def _draws_laplace(theta, cov, lower, upper, n_draws, seed):
+    rng = np.random.default_rng(seed)
+    cov = 0.5 * (cov + cov.T)
+    w, v = np.linalg.eigh(cov)
+    root = v * np.sqrt(np.clip(w, 0, None))
+    draws = theta + rng.standard_normal((n_draws, theta.size)) @ root.T
+    return np.clip(draws, lower, upper)
+
+
+def fit_spectrum(
+    spectrum,
+    templates: Templates | None = None,
+    *,
+    losvd: str = "gh",
+    moments: int = 4,
+    kernel: str = "mixture",
+    degree: int = 4,
+    mdegree: int = 0,
+    velscale_ratio: int = 2,
+    vmax: float = 2000.0,
+    noise: float | np.ndarray | None = None,
+    mask_emission: bool = True,
+    method: str = "map",
+    start=None,
+    num_warmup: int = 500,
+    num_samples: int = 500,
+    num_chains: int = 4,
+    n_draws: int = 1000,
+    seed: int = 0,
+    progress: bool = True,
+    hist_vmax: float = 1000.0,
+    hist_dv: float | None = None,
+    setup: FitSetup | None = None,
+) -> FitResult:
+    """Fit the kinematics of one spectrum.
+
+    Parameters
+    ----------
+    spectrum : Spectrum
+        Linear or log-sampled; velocities are relative to ``spectrum.redshift``
+        (V = c ln(1 + z)).
+    templates : Templates, optional
+        Raw (linear) or already prepared templates; default: the 150 E-MILES SSPs.
+    losvd : {"gh", "se", "hist"}
+        LOSVD family; ``moments`` (GH), ``kernel`` (SE), ``hist_vmax``/``hist_dv``
+        (histogram, km/s) set it up.
+    degree, mdegree : int
+        Additive (-1: none) and multiplicative (0: none) Legendre degrees, as in pPXF.
+    velscale_ratio : int
+        Templates sampled this many times finer than the galaxy.
+    vmax : float
+        Largest velocity (km/s) the LOSVD may reach; sets the template margin.
+    noise : float or (n_pix,), optional
+        1σ noise of the log-rebinned spectrum (replaces the spectrum's own).
+    mask_emission : bool
+        Mask the usual emission lines (±800 km/s, pPXF's list).
+    method : {"map", "nuts"}
+    start : (n_params,), optional
+        Starting LOSVD parameters; default from a velocity/σ grid scan.
+    num_warmup, num_samples, num_chains : int
+        NUTS settings (chains run vectorised).
+    n_draws : int
+        MAP: draws from the Laplace approximation for the LOSVD band and moments.
+    seed : int
+    progress : bool
+        Show numpyro's progress bar (NUTS).
+    setup : FitSetup, optional
+        Reuse a prepared set-up (then the preparation keywords are ignored).
+
+    Returns
+    -------
+    FitResult
+    """
+    if method not in ("map", "nuts"):
+        raise KinjaxError(f"unknown method {method!r}: use 'map' or 'nuts'")
+    if setup is None:
+        setup = setup_fit(
+            spectrum, templates, losvd=losvd, moments=moments, kernel=kernel, degree=degree,
+            mdegree=mdegree, velscale_ratio=velscale_ratio, vmax=vmax, noise=noise,
+            mask_emission=mask_emission, hist_vmax=hist_vmax, hist_dv=hist_dv,
+        )
+    fm, spec, y, w = setup.forward, setup.spec, setup.y, setup.weights
+    k = spec.n_params
+    solver = setup.solver
+    t0 = time.perf_counter()
+    if start is None:
+        theta0 = setup.start_finder(y, w)
+    else:
+        theta0 = jnp.concatenate([jnp.asarray(start, y.dtype), jnp.zeros(fm.mdegree, y.dtype)])
+    sol = jax.block_until_ready(solver(y, w, theta0))
+    names = tuple(spec.names) + tuple(f"mult{i + 1}" for i in range(fm.mdegree))
+    theta_map = np.asarray(sol.theta)
+    n_good = int(setup.spectrum.n_good)
+
+    if method == "map":
+        lower = np.r_[spec.lower, np.full(fm.mdegree, -np.inf)]
+        upper = np.r_[spec.upper, np.full(fm.mdegree, np.inf)]
+        samples = _draws_laplace(theta_map, np.asarray(sol.cov), lower, upper, n_draws, seed)[None]
+        best = theta_map
+        linear = np.asarray(sol.linear)
+        dof = n_good - int(sol.n_active) - len(names)
+        chi2 = float(sol.chi2)
+        diagnostics = {"n_iter": int(sol.n_iter), "n_active": int(sol.n_active)}
+    else:
+        samples, diagnostics = _run_nuts(setup, sol, names, num_warmup, num_samples, num_chains, seed, progress)
+        best = np.median(samples.reshape(-1, len(names)), axis=0)
+        # best-fit linear parameters at the posterior median
+        linear = np.asarray(_solve_at(fm, spec, y, w, jnp.asarray(best)))
+        dof = n_good - int(np.sum(linear != 0)) - len(names)
+        chi2 = float(_chi2(fm, spec, y, w, jnp.asarray(best), jnp.asarray(linear)))
+    seconds = time.perf_counter() - t0
+
+    velocity = _velocity_axis(setup, float(best[0]) if spec.family != "hist" else 0.0)
+    flat = samples.reshape(-1, len(names))[:, :k]
+    med, lo, hi, mean_v, disp = losvd_band(spec, flat, velocity, setup.band)
+    best_losvd = spec.build(jnp.asarray(best[:k]))
+    best_fit = np.asarray(_model(fm, spec, jnp.asarray(best), jnp.asarray(linear)))
+    return FitResult(
+        method=method,
+        family=spec.family,
+        names=names,
+        best=best,
+        samples=samples,
+        mean_v=mean_v.reshape(samples.shape[:2]),
+        dispersion=disp.reshape(samples.shape[:2]),
+        mean_v_best=float(best_losvd.mean),
+        dispersion_best=float(best_losvd.dispersion),
+        velocity=np.asarray(velocity),
+        losvd_median=med,
+        losvd_lo=lo,
+        losvd_hi=hi,
+        wave=np.asarray(setup.spectrum.wave),
+        flux=np.asarray(setup.spectrum.flux),
+        noise=np.asarray(setup.spectrum.noise),
+        mask=np.asarray(setup.spectrum.mask),
+        best_fit=best_fit,
+        weights=linear,
+        chi2_dof=chi2 / max(dof, 1),
+        dof=dof,
+        seconds=seconds,
+        diagnostics=diagnostics,
+    )
+
+
+def _split(fm, spec, theta):
+    k = spec.n_params
+    return spec.build(theta[:k]), (theta[k:] if fm.mdegree else None)
+
+
+def _model(fm, spec, theta, linear):
+    losvd, mult = _split(fm, spec, theta)
+    n_t = fm.n_templates
+    return fm(losvd, linear[:n_t], linear[n_t:], mult)
+
+
+def _chi2(fm, spec, y, w, theta, linear):
+    return jnp.sum(((_model(fm, spec, theta, linear) - y) * w) ** 2)
+
+
+def _solve_at(fm, spec, y, w, theta):
+    from kinjax.linear import solve_linear
+
+    losvd, mult = _split(fm, spec, theta)
+    nonneg = jnp.arange(fm.n_templates + fm.degree + 1) < fm.n_templates
+    return solve_linear(fm.design_matrix(losvd, mult), y, w, nonneg)
+
+
+def _run_nuts(setup, sol, names, num_warmup, num_samples, num_chains, seed, progress):
+    """NUTS over the non-linear parameters; linear ones integrated out on the MAP support."""
+    import numpyro
+    from numpyro.infer import MCMC, NUTS, init_to_value
+
+    from kinjax.models import spectrum_model
+
+    fm, spec, y, w = setup.forward, setup.spec, setup.y, setup.weights
+    linear = np.asarray(sol.linear)
+    n_t = fm.n_templates
+    keep = np.flatnonzero(linear[:n_t] > 0)
+    if keep.size == 0:
+        keep = np.arange(n_t)
+    sub = Templates(
+        wave=setup.templates.wave, flux=setup.templates.flux[keep], fwhm=setup.templates.fwhm,
+        velscale=setup.templates.velscale,
+    )
+    fm_sub = make_forward_model(sub, setup.spectrum, degree=fm.degree, mdegree=fm.mdegree, vmax=fm.vmax)
+    # wide Gaussian priors on the linear parameters: 10x the MAP amplitude of each column
+    design = np.asarray(fm_sub.design_matrix(*_split(fm_sub, spec, jnp.asarray(sol.theta))))
+    scale = 10.0 * np.sqrt(np.mean(np.asarray(y) ** 2)) / np.maximum(np.sqrt(np.mean(design**2, axis=0)), 1e-30)
+    prior_scale = jnp.asarray(scale)
+
+    theta = np.asarray(sol.theta)
+    k = spec.n_params
+    init = {}
+    if spec.family == "hist":
+        init["logits"] = jnp.asarray(theta[:k])
+    else:
+        lo, hi = spec.lower, spec.upper
+        inside = np.clip(theta[:k], lo + 1e-6 * (hi - lo), hi - 1e-6 * (hi - lo))
+        init.update({n: jnp.asarray(v) for n, v in zip(spec.names, inside)})
+    if fm.mdegree:
+        init["mult"] = jnp.asarray(theta[k:])
+    kernel = NUTS(spectrum_model, init_strategy=init_to_value(values=init), dense_mass=True, target_accept_prob=0.85)
+    mcmc = MCMC(
+        kernel, num_warmup=num_warmup, num_samples=num_samples, num_chains=num_chains,
+        chain_method="vectorized" if num_chains > 1 else "sequential", progress_bar=progress,
+    )
+    mcmc.run(jax.random.PRNGKey(seed), fm_sub, spec, y, w, prior_scale, extra_fields=("diverging",))
+    post = mcmc.get_samples(group_by_chain=True)
+    if spec.family == "hist":
+        cols = [np.asarray(post["logits"])]
+    else:
+        cols = [np.asarray(post[n])[..., None] for n in spec.names]
+    if fm.mdegree:
+        cols.append(np.asarray(post["mult"]))
+    samples = np.concatenate(cols, axis=-1)
+    diagnostics = _nuts_diagnostics(samples, names, mcmc)
+    return samples, diagnostics
+
+
+def _nuts_diagnostics(samples, names, mcmc):
+    import arviz as az
+
+    data = {n: samples[..., i] for i, n in enumerate(names)}
+    rhat = az.rhat(az.convert_to_dataset(data))
+    ess = az.ess(az.convert_to_dataset(data), method="bulk")
+    diverging = np.asarray(mcmc.get_extra_fields()["diverging"])
+    return {
+        "r_hat": {n: float(rhat[n]) for n in names},
+        "ess_bulk": {n: float(ess[n]) for n in names},
+        "divergences": int(diverging.sum()),
+        "num_chains": int(samples.shape[0]),
+        "num_samples": int(samples.shape[1]),
+    }
