@@ -1,0 +1,125 @@
+"""Single-spectrum fits: pPXF's published NGC 4550 result, mock truth, storage, CLI."""
+
+import json
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kinjax.datasets import ngc4550
+from kinjax.errors import KinjaxError
+from kinjax.fit import fit_spectrum, setup_fit
+from kinjax.losvd import GaussHermite, SandersEvans
+from kinjax.result import FitResult
+
+# pPXF 8.2.6, NGC 4550 SAURON example (REFERENCE.md §3): values and formal errors
+PPXF = {"v": (436.0, 2.4), "sigma": (113.0, 5.2), "h3": (0.032, 0.018), "h4": (0.067, 0.032)}
+
+
+@pytest.fixture(scope="module")
+def setup():
+    return setup_fit(ngc4550(), noise=0.0047)
+
+
+@pytest.fixture(scope="module")
+def map_result(setup):
+    return fit_spectrum(None, setup=setup, method="map")
+
+
+def test_ngc4550_map_agrees_with_ppxf(map_result):
+    s = map_result.summary()
+    for name, (value, err) in PPXF.items():
+        assert abs(s[name] - value) <= err, (name, s[name], value, err)
+        # Laplace errors comparable to pPXF's formal errors
+        assert 0.7 * err <= s[f"{name}_err"] <= 1.6 * err, (name, s[f"{name}_err"], err)
+    assert 0.9 < s["chi2_dof"] < 1.2
+    # the moments of the normalised GH LOSVD are finite and near V, sigma
+    assert abs(s["mean_v"] - s["v"]) < 20 and 100 < s["dispersion"] < 160
+
+
+def test_ngc4550_nuts_short_chains(setup):
+    r = fit_spectrum(None, setup=setup, method="nuts", num_warmup=200, num_samples=200, num_chains=2, progress=False)
+    s = r.summary()
+    for name, (value, err) in PPXF.items():
+        # posterior medians: within 1.5 pPXF errors (median vs mode; see benchmarks for full runs)
+        assert abs(s[name] - value) <= 1.5 * err, (name, s[name], value, err)
+    assert max(r.diagnostics["r_hat"].values()) < 1.1
+    assert r.diagnostics["divergences"] < 10
+    assert np.all(r.losvd_lo <= r.losvd_median + 1e-12) and np.all(r.losvd_median <= r.losvd_hi + 1e-12)
+
+
+def _mock(setup, losvd, snr, seed):
+    """A mock spectrum on the NGC 4550 grid: 3 E-MILES templates convolved with ``losvd``."""
+    fm = setup.forward
+    rng = np.random.default_rng(seed)
+    w = np.zeros(fm.n_templates)
+    w[rng.choice(fm.n_templates, 3, replace=False)] = rng.uniform(0.2, 1.0, 3)
+    clean = np.asarray(fm(losvd, w / w.sum()))
+    noise = np.median(clean) / snr
+    return clean + noise * rng.standard_normal(clean.size), noise
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_map_recovers_gauss_hermite_truth(setup, seed):
+    truth = np.array([120.0, 180.0, 0.06, -0.04])
+    y, noise = _mock(setup, GaussHermite(truth[0], truth[1], jnp.asarray(truth[2:])), 60.0, seed)
+    w = jnp.asarray(setup.spectrum.mask / noise)
+    sol = setup.solver(jnp.asarray(y), w, setup.start_finder(jnp.asarray(y), w))
+    err = np.sqrt(np.diag(np.asarray(sol.cov)))
+    pull = (np.asarray(sol.theta) - truth) / err
+    assert np.all(np.abs(pull) < 4), pull
+    assert err[0] < 20 and err[1] < 25  # S/N 60 per pixel, sigma 180 km/s
+
+
+def test_map_sanders_evans_recovers_moments():
+    base = setup_fit(ngc4550(), noise=0.0047, losvd="se")
+    truth = SandersEvans(v=-80.0, sigma=150.0, sigma_k=0.8, delta=0.2, kappa=0.3)
+    y, noise = _mock(base, truth, 80.0, 3)
+    spec = base.spectrum.with_noise(np.full(y.size, noise))
+    import dataclasses
+
+    spec = dataclasses.replace(spec, flux=y)
+    r = fit_spectrum(spec, base.templates, losvd="se", mask_emission=False)
+    s = r.summary()
+    assert abs(s["mean_v"] - float(truth.mean)) < 4 * s["mean_v_err"] + 1
+    assert abs(s["dispersion"] - float(truth.dispersion)) < 4 * s["dispersion_err"] + 1
+
+
+def test_result_netcdf_round_trip(map_result, tmp_path):
+    path = tmp_path / "r.nc"
+    map_result.save(path)
+    back = FitResult.load(path)
+    assert back.equals(map_result)
+    assert back.summary() == map_result.summary()
+
+
+def test_all_masked_spectrum_is_refused():
+    spec = ngc4550().log_rebin()
+    with pytest.raises(KinjaxError):
+        fit_spectrum(spec.with_mask(np.zeros(spec.n_pix, bool)), noise=0.0047)
+
+
+def test_cli_fit_json(tmp_path):
+    out = tmp_path / "r.json"
+    cmd = [sys.executable, "-m", "kinjax", "fit", "ngc4550", "--redshift", "0", "--fwhm", "4.2", "--noise", "0.0047",
+           "--losvd", "gh", "--moments", "4", "--degree", "4", "--method", "map", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    d = json.loads(out.read_text())
+    for key in ["v", "sigma", "h3", "h4", "v_err", "sigma_err", "h3_err", "h4_err", "mean_v", "dispersion",
+                "chi2_dof", "method", "seconds", "losvd"]:
+        assert key in d
+    assert set(d["losvd"]) == {"velocity", "median", "lo", "hi"}
+    assert abs(d["v"] - 436) < 2.4 and abs(d["sigma"] - 113) < 5.2
+
+
+def test_cli_fit_bad_noise(tmp_path):
+    out = tmp_path / "r.json"
+    proc = subprocess.run([sys.executable, "-m", "kinjax", "fit", "ngc4550", "--noise", "-1", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and "noise" in proc.stderr
+    assert not out.exists()
