@@ -45,6 +45,13 @@ _LAZY = {
     "fit_cube_gp": "kinjax.cube_fit",
     # mocks
     "make_mock_cube": "kinjax.mock",
+    "MockGalaxy": "kinjax.mock",
+    "MockCube": "kinjax.mock",
+    "Disc": "kinjax.mock",
+    "Bulge": "kinjax.mock",
+    "read_mock_truth": "kinjax.mock",
+    "rotating_disc_with_bulge": "kinjax.mock",
+    "counter_rotating_discs": "kinjax.mock",
 }
 
 __all__ = ["C_KMS", "KinjaxError", "__version__", *_LAZY]

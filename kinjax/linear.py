@@ -14,7 +14,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-__all__ = ["normal_equations", "nnls", "solve_linear", "marginal_loglike"]
+__all__ = ["normal_equations", "nnls", "lstsq", "solve_linear", "marginal_loglike"]
 
 
 def normal_equations(A, y, weights):
@@ -119,6 +119,12 @@ def nnls(gram, rhs, nonneg, passive=None, max_iter=None):
 
     x, _, _ = jax.lax.while_loop(outer_cond, outer, (x, passive, 0))
     return x
+
+
+def lstsq(A, y, weights):
+    """Unconstrained weighted least squares ``argmin ||(A x - y) * weights||`` (n_lin,)."""
+    gram, rhs, scale = normal_equations(A, y, weights)
+    return _masked_solve(gram, rhs, jnp.ones(rhs.shape[0], bool)) / scale
 
 
 def solve_linear(A, y, weights, nonneg, passive=None):

@@ -21,7 +21,7 @@ import numpy as np
 
 from kinjax.family import LosvdSpec
 from kinjax.forward import ForwardModel
-from kinjax.linear import solve_linear
+from kinjax.linear import lstsq, solve_linear
 
 __all__ = ["MapSolution", "make_map_solver", "make_start_finder", "MULT_BOUND"]
 
@@ -169,14 +169,13 @@ def make_start_finder(forward: ForwardModel, spec: LosvdSpec, *, vmax: float = 1
     mean_w = jnp.full(n_t, 1.0 / n_t, dtype=forward.additive.dtype)
     velocities = jnp.arange(-vmax, vmax + dv / 2, dv, dtype=forward.additive.dtype)
     sig = jnp.asarray(sigmas, dtype=forward.additive.dtype)
-    free = jnp.zeros(forward.degree + 2, bool)
     base = jnp.asarray(spec.initial(0.0, 150.0), dtype=forward.additive.dtype)
     n_comp = forward.n_components
 
     def chi2(v, s, y, w):
         col = forward((Gaussian(v, s),) * n_comp, mean_w)
         a = jnp.concatenate([col[None], forward.additive]).T
-        x = solve_linear(a, y, w, free)
+        x = lstsq(a, y, w)
         return jnp.sum(((a @ x - y) * w) ** 2)
 
     def start(y, w):
