@@ -16,6 +16,7 @@ in the wings for large |h_m| (e.g. h4 = 0.3).
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar
 
 import jax
@@ -38,7 +39,7 @@ H_BOUNDS = (-0.3, 0.3)
 def hermite_normalised(y, degree):
     """Normalised Hermite polynomials h̃_0 … h̃_degree at ``y``.
 
-    Stable three-term recurrence
+    Stable three-term recurrence (Python-float constants, so float32 stays float32)
     h̃_{m+1} = (√2 y h̃_m − √m h̃_{m−1}) / √(m+1), h̃_0 = 1, h̃_1 = √2 y.
 
     Parameters
@@ -55,9 +56,9 @@ def hermite_normalised(y, degree):
     y = jnp.asarray(y)
     out = [jnp.ones_like(y)]
     if degree >= 1:
-        out.append(np.sqrt(2.0) * y)
+        out.append(math.sqrt(2.0) * y)
     for m in range(1, degree):
-        out.append((np.sqrt(2.0) * y * out[m] - np.sqrt(m) * out[m - 1]) / np.sqrt(m + 1.0))
+        out.append((math.sqrt(2.0) * y * out[m] - math.sqrt(m) * out[m - 1]) / math.sqrt(m + 1.0))
     return out
 
 
@@ -146,7 +147,9 @@ class GaussHermite(LOSVD):
     def __init__(self, v, sigma, h=()):
         self.v = jnp.asarray(v)
         self.sigma = jnp.asarray(sigma)
-        self.h = jnp.asarray(h, dtype=jnp.result_type(self.sigma, float))
+        self.h = jnp.asarray(h)
+        if not jnp.issubdtype(self.h.dtype, jnp.floating):
+            self.h = self.h.astype(jnp.result_type(float))
         if self.h.ndim != 1:
             raise KinjaxError(f"GaussHermite h must be 1-D [h3, h4, ...] (got shape {self.h.shape})")
         _check_sigma(self.sigma)
