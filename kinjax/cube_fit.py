@@ -1,0 +1,398 @@
+"""Fitting IFU cubes: spaxel by spaxel, or all spaxels at once with GP priors.
+
+:func:`fit_cube_spaxels` fits every usable spaxel independently with the single-spectrum
+MAP machinery of :mod:`kinjax.optimize` (one forward model for the whole cube, ``vmap``
+over chunks of spaxels). :func:`fit_cube_gp` (in :mod:`kinjax.cube_model`) couples the
+spaxels through Gaussian-process priors on the LOSVD parameter maps. Both return a
+:class:`CubeFit`, whose maps can be written to a ``MAPS.fits`` file.
+
+Shapes: ``n_spaxels`` rows in the cube's order, ``n_params`` LOSVD parameters (then the
+multiplicative polynomial's, if any), ``n_v`` points of the tabulated LOSVD.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kinjax.errors import KinjaxError
+
+__all__ = ["CubeFit", "fit_cube_spaxels", "prepare_cube", "losvd_summaries", "grid_moments",
+           "laplace_batch", "spec_key"]
+
+#: Laplace draws per spaxel used to propagate errors to the mean velocity and dispersion.
+N_DRAWS = 64
+
+
+@dataclass(frozen=True)
+class CubeFit:
+    """Kinematic maps of a cube (one row per spaxel; NaN where not fitted).
+
+    Attributes
+    ----------
+    cube : Cube
+        The (log-rebinned) cube that was fitted; gives the grid for :meth:`to_maps`.
+    names : tuple of str
+        Names of the columns of ``theta`` (LOSVD parameters, then ``m1``… for the
+        multiplicative polynomial).
+    theta, theta_err : (n_spaxels, n_params)
+        Best parameters (V and σ in km/s) and 1σ errors (Laplace approximation).
+    mean_v, mean_v_err : (n_spaxels,)
+        First moment of the fitted LOSVD and its error (km/s), from ``losvd`` with
+        negative lobes clipped (see :func:`grid_moments`); errors from Laplace draws.
+    dispersion, dispersion_err : (n_spaxels,)
+        Square root of the second central moment of the fitted LOSVD and its error (km/s).
+    velocity : (n_v,)
+        Velocity grid of ``losvd`` (km/s).
+    losvd : (n_spaxels, n_v)
+        Fitted LOSVD on ``velocity`` (1/(km/s)).
+    chi2, dof : (n_spaxels,)
+        χ² of the fit and its degrees of freedom (good pixels − fitted parameters).
+    fitted : (n_spaxels,) bool
+        Spaxels that were fitted; the others are NaN everywhere.
+    cov : (n_spaxels, n_params, n_params)
+        Laplace covariance of ``theta``.
+    family : str
+        LOSVD family ("gh", "se", "hist").
+    method : str
+        "spaxels", "gp-map" or "gp-svi".
+    info : dict
+        Method-specific extras (e.g. GP hyperparameters, timings).
+    """
+
+    cube: object
+    names: tuple
+    theta: np.ndarray
+    theta_err: np.ndarray
+    mean_v: np.ndarray
+    mean_v_err: np.ndarray
+    dispersion: np.ndarray
+    dispersion_err: np.ndarray
+    velocity: np.ndarray
+    losvd: np.ndarray
+    chi2: np.ndarray
+    dof: np.ndarray
+    fitted: np.ndarray
+    cov: np.ndarray
+    family: str = "gh"
+    method: str = "spaxels"
+    info: dict | None = None
+
+    @property
+    def n_spaxels(self) -> int:
+        return self.theta.shape[0]
+
+    @property
+    def reduced_chi2(self) -> np.ndarray:
+        """(n_spaxels,) χ²/DOF."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return self.chi2 / self.dof
+
+    def _map_columns(self) -> dict:
+        """Per-spaxel columns of the maps, keyed by MAPS.fits extension name."""
+        cols = {}
+        for j, name in enumerate(self.names):
+            key = {"v": "V", "sigma": "SIGMA"}.get(name, name.upper())
+            cols[key] = self.theta[:, j]
+            cols[key + "_ERR"] = self.theta_err[:, j]
+        cols["MEAN_V"], cols["MEAN_V_ERR"] = self.mean_v, self.mean_v_err
+        cols["DISPERSION"], cols["DISPERSION_ERR"] = self.dispersion, self.dispersion_err
+        return cols
+
+    def to_maps(self) -> dict:
+        """Images of every quantity: ``{name: (n_y, n_x)}`` plus ``LOSVD`` (n_y, n_x, n_v).
+
+        Names as in :meth:`write_maps` (``V``, ``V_ERR``, ``SIGMA``, …, ``MEAN_V``, …).
+        NaN where a spaxel was not fitted or does not exist.
+        """
+        maps = {k: self.cube.to_image(v) for k, v in self._map_columns().items()}
+        maps["LOSVD"] = self.cube.to_image(self.losvd)
+        maps["RCHI2"] = self.cube.to_image(self.reduced_chi2)
+        return maps
+
+    def write_maps(self, path, overwrite: bool = True) -> None:
+        """Write the maps to a FITS file (``MAPS.fits``).
+
+        Image extensions ``V``, ``V_ERR``, ``SIGMA``, ``SIGMA_ERR``, ``H3``, ``H3_ERR``, …
+        (the family's parameter names upper-cased), ``MEAN_V``, ``MEAN_V_ERR``,
+        ``DISPERSION``, ``DISPERSION_ERR`` (each (n_y, n_x), km/s for velocities, NaN where
+        not fitted), ``RCHI2`` and ``LOSVD`` (n_v, n_y, n_x) with the velocity axis
+        described by CRVAL3/CDELT3/CRPIX3 and CUNIT3 = 'km/s'. The file is written to a
+        temporary name and renamed, so a failure never leaves a partial file.
+        """
+        from astropy.io import fits
+
+        path = os.fspath(path)
+        if os.path.exists(path) and not overwrite:
+            raise KinjaxError(f"{path} exists; pass overwrite=True or choose another name")
+        maps = self.to_maps()
+        primary = fits.PrimaryHDU()
+        primary.header["ORIGIN"] = "kinjax"
+        primary.header["METHOD"] = self.method
+        primary.header["FAMILY"] = self.family
+        primary.header["NFITTED"] = int(self.fitted.sum())
+        hdus = [primary]
+        for key, image in maps.items():
+            if key == "LOSVD":
+                continue
+            hdu = fits.ImageHDU(np.asarray(image, dtype=np.float64), name=key)
+            if key.removesuffix("_ERR") in ("V", "SIGMA", "MEAN_V", "DISPERSION"):
+                hdu.header["BUNIT"] = "km/s"
+            hdus.append(hdu)
+        cube = np.moveaxis(np.asarray(maps["LOSVD"], dtype=np.float64), -1, 0)
+        hdu = fits.ImageHDU(cube, name="LOSVD")
+        hdu.header["CRVAL3"] = float(self.velocity[0])
+        hdu.header["CDELT3"] = float(self.velocity[1] - self.velocity[0]) if self.velocity.size > 1 else 1.0
+        hdu.header["CRPIX3"] = 1.0
+        hdu.header["CUNIT3"] = "km/s"
+        hdu.header["CTYPE3"] = "VELO"
+        hdu.header["BUNIT"] = "s/km"
+        hdus.append(hdu)
+        directory = os.path.dirname(os.path.abspath(path))
+        fd, tmp = tempfile.mkstemp(suffix=".fits.part", dir=directory)
+        os.close(fd)
+        try:
+            fits.HDUList(hdus).writeto(tmp, overwrite=True)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+
+# ---------------------------------------------------------------------- preparation
+def prepare_cube(cube, templates, *, snr_min=None, velscale_ratio=2, vmax=2000.0,
+                 degree=4, mdegree=0, losvd="gh", moments=4, dtype=None):
+    """Log-rebin the cube if needed, pick usable spaxels, build one forward model.
+
+    Returns
+    -------
+    cube : Cube (log-rebinned)
+    use : (n_spaxels,) bool, spaxels to fit
+    forward : ForwardModel
+    spec : LosvdSpec
+    """
+    from kinjax.cube import Cube
+    from kinjax.family import losvd_spec
+    from kinjax.forward import make_forward_model
+    from kinjax.templates import prepare_templates
+
+    if not isinstance(cube, Cube):
+        raise KinjaxError(f"expected a kinjax Cube, got {type(cube).__name__}")
+    if cube.velscale is None:
+        cube = cube.log_rebin()
+    use = np.asarray(cube.valid, bool).copy()
+    if snr_min is not None:
+        with np.errstate(invalid="ignore"):
+            use &= np.nan_to_num(cube.snr(), nan=-np.inf) >= float(snr_min)
+    if not use.any():
+        what = f" with S/N >= {snr_min}" if snr_min is not None else ""
+        raise KinjaxError(f"no usable spaxel{what} in the cube (of {cube.n_spaxels}); lower snr_min or check the mask")
+    if cube.fwhm is None:
+        raise KinjaxError("the cube has no instrumental FWHM; pass fwhm=... when reading it")
+    first = cube.spectrum(int(np.flatnonzero(use)[0]))
+    tpl = prepare_templates(templates, first, velscale_ratio=velscale_ratio, vmax=vmax)
+    # the model only uses the wavelength grid; the per-spaxel mask enters through weights
+    forward = make_forward_model(tpl, first, degree=degree, mdegree=mdegree, vmax=vmax, dtype=dtype)
+    spec = losvd_spec(losvd, moments=moments, velscale=cube.velscale)
+    return cube, use, forward, spec
+
+
+# Jitted batch functions take the ForwardModel as a traced argument and the LOSVD spec as
+# a static key, so fits of cubes with the same shapes reuse one compilation.
+_SPECS: dict = {}
+
+
+def spec_key(spec) -> tuple:
+    """A hashable key standing for ``spec`` in the jitted batch functions."""
+    opts = tuple(sorted((k, np.asarray(v).tobytes() if isinstance(v, np.ndarray) else v)
+                        for k, v in spec.options.items()))
+    key = (spec.family, tuple(spec.names), np.asarray(spec.lower).tobytes(),
+           np.asarray(spec.upper).tobytes(), float(spec.smoothness), opts)
+    _SPECS.setdefault(key, spec)
+    return key
+
+
+@eqx.filter_jit
+def _fit_batch(forward, key, y, w):
+    """Start finder then LM solver for a batch (n, n_pix) of spectra."""
+    from kinjax.optimize import make_map_solver, make_start_finder
+
+    spec = _SPECS[key]
+    theta0 = jax.vmap(make_start_finder(forward, spec))(y, w)
+    return jax.vmap(make_map_solver(forward, spec))(y, w, theta0)
+
+
+@eqx.filter_jit
+def laplace_batch(forward, key, y, w, theta):
+    """Laplace covariance (n, n_theta, n_theta) and χ² (n,) at given ``theta`` (n, n_theta)."""
+    from kinjax.optimize import make_map_solver
+
+    sol = jax.vmap(make_map_solver(forward, _SPECS[key], max_iter=0))(y, w, theta)
+    return sol.cov, sol.chi2
+
+
+def _chunks(idx, size):
+    for a in range(0, idx.size, size):
+        part = idx[a:a + size]
+        pad = size - part.size
+        yield part, np.concatenate([part, np.full(pad, part[0])]) if pad else part
+
+
+def grid_moments(pdf, velocity):
+    """Mean and dispersion (km/s) of a tabulated LOSVD, its negative lobes clipped to zero.
+
+    A Gauss–Hermite series can dip below zero (and, for strongly negative h4, have a
+    negative second moment); clipping and renormalising keeps both moments defined.
+    ``pdf`` (..., n_v) on the uniform grid ``velocity`` (n_v,). Returns two (...,) arrays.
+    """
+    p = jnp.clip(pdf, 0.0, None)
+    p = p / jnp.sum(p, axis=-1, keepdims=True)
+    mean = jnp.sum(p * velocity, axis=-1)
+    var = jnp.sum(p * (velocity - mean[..., None]) ** 2, axis=-1)
+    return mean, jnp.sqrt(var)
+
+
+def losvd_summaries(spec, theta, cov, velocity, key, n_draws=N_DRAWS):
+    """Mean velocity, dispersion (with Laplace-draw errors) and tabulated LOSVD.
+
+    Parameters
+    ----------
+    spec : LosvdSpec
+    theta : (n, n_params), cov : (n, n_params, n_params)
+        Only the first ``spec.n_params`` entries (the LOSVD's) are used.
+    velocity : (n_v,) uniform grid in km/s, wide enough to hold the LOSVDs.
+    key : jax PRNG key
+
+    Returns
+    -------
+    mean_v, mean_v_err, dispersion, dispersion_err : (n,) km/s (see :func:`grid_moments`);
+    losvd : (n, n_v) in 1/(km/s).
+    """
+    velocity = jnp.asarray(velocity)
+    keys = jax.random.split(key, theta.shape[0])
+    best, spread, pdf = _summaries(spec_key(spec), velocity, jnp.asarray(theta), jnp.asarray(cov), keys, n_draws)
+    best, spread = np.asarray(best), np.asarray(spread)
+    return best[:, 0], spread[:, 0], best[:, 1], spread[:, 1], np.asarray(pdf)
+
+
+@eqx.filter_jit
+def _summaries(key, velocity, theta, cov, keys, n_draws):
+    spec = _SPECS[key]
+    k = spec.n_params
+    lower, upper = jnp.asarray(spec.lower), jnp.asarray(spec.upper)
+
+    def moments(th):
+        return jnp.stack(grid_moments(spec.build(th).pdf(velocity), velocity))
+
+    def one(th, c, rng):
+        th, c = th[:k], c[:k, :k]
+        evals, evecs = jnp.linalg.eigh(0.5 * (c + c.T))
+        root = evecs * jnp.sqrt(jnp.clip(evals, 0.0, None))
+        z = jax.random.normal(rng, (n_draws, k), dtype=th.dtype)
+        draws = jnp.clip(th + z @ root.T, lower, upper)
+        spread = jnp.std(jax.vmap(moments)(draws), axis=0)
+        return moments(th), spread, spec.build(th).pdf(velocity)
+
+    return jax.vmap(one)(theta, cov, keys)
+
+
+def _velocity_axis(forward, spec):
+    if spec.family == "hist":
+        return np.asarray(spec.options["centres"], float)
+    from kinjax.losvd import velocity_grid
+
+    return velocity_grid(forward.vmax, forward.velscale / 2)
+
+
+def _progress(iterable, total, enabled, desc):
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc=desc)
+
+
+def fit_cube_spaxels(cube, templates, *, losvd="gh", moments=4, degree=4, mdegree=0,
+                     velscale_ratio=2, vmax=2000.0, snr_min=None, chunk_size=256,
+                     progress=True, seed=0) -> CubeFit:
+    """Fit every usable spaxel of a cube independently (MAP + Laplace errors).
+
+    Parameters
+    ----------
+    cube : Cube
+        Gridded or binned cube; log-rebinned here if ``cube.velscale`` is None.
+    templates : Templates
+        Rest-frame library (prepared once on the cube's grid with ``prepare_templates``).
+    losvd, moments : LOSVD family ("gh", "se", "hist") and Gauss–Hermite moments.
+    degree, mdegree : additive / multiplicative Legendre degrees (pPXF's meaning).
+    velscale_ratio : int
+        Template pixels per galaxy pixel.
+    vmax : float
+        Largest LOSVD velocity (km/s) the model must reach (zero padding).
+    snr_min : float, optional
+        Spaxels whose median S/N per pixel is below this are not fitted (NaN).
+    chunk_size : int
+        Spaxels per vmapped batch (bounds the memory; one compilation).
+    progress : bool
+        Show a tqdm bar over the chunks.
+    seed : int
+        Seed of the Laplace draws used for the moment errors.
+
+    Returns
+    -------
+    CubeFit
+        Spaxels that are not ``cube.valid`` or below ``snr_min`` are flagged
+        (``fitted`` False) and NaN.
+    """
+    cube, use, forward, spec = prepare_cube(
+        cube, templates, snr_min=snr_min, velscale_ratio=velscale_ratio, vmax=vmax,
+        degree=degree, mdegree=mdegree, losvd=losvd, moments=moments)
+    chunk_size = int(max(1, min(chunk_size, use.sum())))
+    dtype = forward.additive.dtype
+    key = spec_key(spec)
+    flux = cube.flux.astype(dtype)
+    weights = (cube.mask / cube.noise).astype(dtype)
+
+    n, n_theta = cube.n_spaxels, spec.n_params + mdegree
+    theta = np.full((n, n_theta), np.nan)
+    cov = np.full((n, n_theta, n_theta), np.nan)
+    chi2 = np.full(n, np.nan)
+    dof = np.full(n, np.nan)
+    idx = np.flatnonzero(use)
+    chunks = _chunks(idx, chunk_size)
+    for part, padded in _progress(chunks, -(-idx.size // chunk_size), progress, "spaxels"):
+        y, w = jnp.asarray(flux[padded]), jnp.asarray(weights[padded])
+        sol = _fit_batch(forward, key, y, w)
+        m = part.size
+        theta[part] = np.asarray(sol.theta)[:m]
+        cov[part] = np.asarray(sol.cov)[:m]
+        chi2[part] = np.asarray(sol.chi2)[:m]
+        dof[part] = cube.mask[part].sum(axis=1) - n_theta - np.asarray(sol.n_active)[:m]
+    return finish_fit(cube, spec, forward, theta, cov, chi2, dof, use, seed=seed, method="spaxels")
+
+
+def finish_fit(cube, spec, forward, theta, cov, chi2, dof, use, *, seed=0, method="spaxels", info=None):
+    """Assemble a :class:`CubeFit` from per-spaxel parameters and covariances."""
+    n = cube.n_spaxels
+    names = tuple(spec.names) + tuple(f"m{i + 1}" for i in range(theta.shape[1] - spec.n_params))
+    velocity = _velocity_axis(forward, spec)
+    mean_v, mean_v_err, disp, disp_err = (np.full(n, np.nan) for _ in range(4))
+    pdf = np.full((n, velocity.size), np.nan)
+    idx = np.flatnonzero(use)
+    out = losvd_summaries(spec, theta[idx], cov[idx], velocity, jax.random.PRNGKey(seed))
+    for arr, val in zip((mean_v, mean_v_err, disp, disp_err, pdf), out):
+        arr[idx] = val
+    with np.errstate(invalid="ignore"):
+        err = np.sqrt(np.clip(np.diagonal(cov, axis1=1, axis2=2), 0, None))
+    err[~use] = np.nan
+    return CubeFit(cube=cube, names=names, theta=theta, theta_err=err, mean_v=mean_v,
+                   mean_v_err=mean_v_err, dispersion=disp, dispersion_err=disp_err,
+                   velocity=np.asarray(velocity), losvd=pdf, chi2=chi2, dof=dof,
+                   fitted=use.copy(), cov=cov, family=spec.family, method=method,
+                   info=dict(info or {}))

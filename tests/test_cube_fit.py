@@ -1,0 +1,179 @@
+"""Spaxel-by-spaxel cube fits on a small synthetic cube with known kinematics."""
+
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kinjax.constants import C_KMS
+from kinjax.cube import Cube
+from kinjax.errors import KinjaxError
+from kinjax.forward import make_forward_model
+from kinjax.losvd import GaussHermite
+from kinjax.spectrum import Spectrum
+from kinjax.templates import Templates, prepare_templates
+
+
+def synthetic_templates(n_templates=3, seed=1):
+    """Linear-sampled rest-frame templates (4700–5600 Å, FWHM 0.6 Å) with absorption lines."""
+    rng = np.random.default_rng(seed)
+    wave = np.arange(4700.0, 5600.0, 0.25)
+    flux = np.ones((n_templates, wave.size))
+    for t in range(n_templates):
+        for centre in rng.uniform(4710, 5590, 70):
+            depth, width = rng.uniform(0.05, 0.5), rng.uniform(0.3, 1.5)
+            flux[t] -= depth * np.exp(-0.5 * ((wave - centre) / width) ** 2)
+        flux[t] *= 1 + 0.2 * t * (wave - 5100) / 500
+    return Templates(wave=wave, flux=flux, fwhm=0.6)
+
+
+def truth_fields(x, y):
+    """Smooth rotating-disc truth: V, σ (km/s), h3, h4 at positions (arcsec)."""
+    r = np.hypot(x, y)
+    v = 120.0 * np.tanh(r / 1.5) * np.cos(np.arctan2(y, x) - 0.4)
+    sigma = 80.0 + 70.0 * np.exp(-0.5 * (r / 2.0) ** 2)
+    h3 = -0.05 * v / 120.0
+    h4 = 0.02 + 0.0 * r
+    return np.stack([v, sigma, h3, h4], axis=1)
+
+
+def truth_moments(truth):
+    """(n, 2) mean velocity and dispersion (km/s) of the true Gauss–Hermite LOSVDs (exact)."""
+    return np.array([[float(m) for m in GaussHermite(t[0], t[1], jnp.asarray(t[2:])).moments()[:2]] for t in truth])
+
+
+def test_grid_moments_match_exact_moments():
+    from kinjax.cube_fit import grid_moments
+    from kinjax.losvd import velocity_grid
+
+    v = velocity_grid(1500.0, 5.0)
+    lv = GaussHermite(40.0, 120.0, jnp.array([0.05, 0.03]))
+    mean, disp = grid_moments(lv.pdf(jnp.asarray(v)), jnp.asarray(v))
+    exact = lv.moments()
+    assert float(mean) == pytest.approx(float(exact[0]), abs=1e-6)
+    assert float(disp) == pytest.approx(float(exact[1]), rel=1e-6)
+
+
+def make_test_cube(shape=(6, 6), snr=15.0, n_pix=200, velscale=60.0, seed=0, templates=None):
+    """A log-sampled cube (fwhm 2.5 Å) made with kinjax's forward model, plus the truth.
+
+    Returns (cube, truth (n_spaxels, 4), templates).
+    """
+    templates = synthetic_templates() if templates is None else templates
+    ln_wave = np.log(5000.0) + np.arange(n_pix) * velscale / C_KMS
+    wave = np.exp(ln_wave)
+    ref = Spectrum(wave, np.ones(n_pix), np.ones(n_pix), None, 2.5, velscale=velscale)
+    tpl = prepare_templates(templates, ref, velscale_ratio=2, vmax=1000.0)
+    fwd = make_forward_model(tpl, ref, degree=-1, vmax=1000.0)
+    n_y, n_x = shape
+    iy, ix = np.indices(shape).reshape(2, -1)
+    x, y = ix - (n_x - 1) / 2.0, iy - (n_y - 1) / 2.0
+    truth = truth_fields(x, y)
+    rng = np.random.default_rng(seed)
+    weights = np.array([0.5, 0.3, 0.2])
+    flux = np.stack([np.asarray(fwd(GaussHermite(t[0], t[1], jnp.asarray(t[2:])), weights)) for t in truth])
+    flux /= np.median(flux, axis=1, keepdims=True)
+    noise = np.full_like(flux, 1.0 / snr)
+    flux = flux + noise * rng.standard_normal(flux.shape)
+    cube = Cube(wave, flux, noise, None, x, y, 2.5, velscale=velscale, grid_shape=shape,
+                grid_index=np.stack([iy, ix], 1), format="mock", name="test")
+    return cube, truth, templates
+
+
+@pytest.fixture(scope="module")
+def cube_and_fit():
+    from kinjax.cube_fit import fit_cube_spaxels
+
+    cube, truth, tpl = make_test_cube()
+    fit = fit_cube_spaxels(cube, tpl, vmax=1000.0, progress=False, chunk_size=4)
+    return cube, truth, tpl, fit
+
+
+def test_spaxel_fit_recovers_truth(cube_and_fit):
+    cube, truth, _, fit = cube_and_fit
+    assert fit.fitted.all() and fit.theta.shape == (36, 4)
+    assert fit.names == ("v", "sigma", "h3", "h4")
+    pull = (fit.theta[:, :2] - truth[:, :2]) / fit.theta_err[:, :2]
+    assert np.all(np.isfinite(pull))
+    # |pull| of a standard normal has mean sqrt(2/pi) = 0.80
+    assert 0.5 < np.mean(np.abs(pull)) < 1.2
+    assert np.sqrt(np.mean((fit.theta[:, 0] - truth[:, 0]) ** 2)) < 3 * np.median(fit.theta_err[:, 0])
+    # chi2 per dof close to one (the model is exact)
+    assert 0.7 < np.nanmedian(fit.reduced_chi2) < 1.3
+    # the LOSVD moments against the truth's, with errors from Laplace draws
+    mom = truth_moments(truth)
+    for est, err, true in ((fit.mean_v, fit.mean_v_err, mom[:, 0]), (fit.dispersion, fit.dispersion_err, mom[:, 1])):
+        assert np.all(err > 0)
+        assert 0.4 < np.mean(np.abs(est - true) / err) < 1.3
+    # the tabulated LOSVD integrates to ~1
+    dv = fit.velocity[1] - fit.velocity[0]
+    np.testing.assert_allclose(fit.losvd.sum(axis=1) * dv, 1.0, atol=1e-3)
+
+
+def test_maps_and_fits_file(cube_and_fit, tmp_path):
+    from astropy.io import fits
+
+    cube, _, _, fit = cube_and_fit
+    maps = fit.to_maps()
+    assert maps["V"].shape == (6, 6) and maps["LOSVD"].shape == (6, 6, fit.velocity.size)
+    path = tmp_path / "MAPS.fits"
+    fit.write_maps(path)
+    with fits.open(path) as hdul:
+        names = [h.name for h in hdul[1:]]
+        for key in ("V", "V_ERR", "SIGMA", "SIGMA_ERR", "H3", "H3_ERR", "H4", "H4_ERR", "MEAN_V",
+                    "MEAN_V_ERR", "DISPERSION", "DISPERSION_ERR", "LOSVD"):
+            assert key in names
+        assert hdul["V"].data.shape == (6, 6)
+        losvd = hdul["LOSVD"]
+        assert losvd.data.shape == (fit.velocity.size, 6, 6)
+        assert losvd.header["CUNIT3"] == "km/s"
+        v0 = losvd.header["CRVAL3"] + (1 - losvd.header["CRPIX3"]) * losvd.header["CDELT3"]
+        assert v0 == pytest.approx(fit.velocity[0])
+        assert hdul["V"].header["BUNIT"] == "km/s"
+    assert os.listdir(tmp_path) == ["MAPS.fits"]
+
+
+def test_unusable_spaxels_flagged_nan(tmp_path):
+    from astropy.io import fits
+
+    from kinjax.cube_fit import fit_cube_spaxels
+
+    cube, truth, tpl = make_test_cube(shape=(2, 3), seed=3)
+    mask = cube.mask.copy()
+    mask[1, :150] = False  # spaxel 1 is not valid
+    noise = cube.noise.copy()
+    noise[4] *= 50  # spaxel 4 is below snr_min
+    bad = Cube(cube.wave, cube.flux, noise, mask, cube.x, cube.y, cube.fwhm, velscale=cube.velscale,
+               grid_shape=cube.grid_shape, grid_index=cube.grid_index)
+    fit = fit_cube_spaxels(bad, tpl, vmax=1000.0, snr_min=3.0, progress=False, chunk_size=4)
+    assert list(fit.fitted) == [True, False, True, True, False, True]
+    assert np.all(np.isnan(fit.theta[~fit.fitted])) and np.all(np.isnan(fit.mean_v[~fit.fitted]))
+    assert np.all(np.isfinite(fit.theta[fit.fitted])) and np.all(np.isfinite(fit.dispersion[fit.fitted]))
+    fit.write_maps(tmp_path / "MAPS.fits")
+    with fits.open(tmp_path / "MAPS.fits") as hdul:
+        v = hdul["V"].data
+        assert np.isnan(v[0, 1]) and np.isnan(v[1, 1]) and np.isfinite(v[0, 0])
+        assert np.all(np.isnan(hdul["LOSVD"].data[:, 0, 1]))
+
+
+def test_everything_below_snr_min_raises():
+    from kinjax.cube_fit import fit_cube_spaxels
+
+    cube, _, tpl = make_test_cube(shape=(2, 2))
+    with pytest.raises(KinjaxError, match="snr_min"):
+        fit_cube_spaxels(cube, tpl, vmax=1000.0, snr_min=1e3, progress=False)
+
+
+def test_no_partial_maps_file_on_error(cube_and_fit, tmp_path, monkeypatch):
+    from astropy.io import fits
+
+    _, _, _, fit = cube_and_fit
+
+    def boom(self, *args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(fits.HDUList, "writeto", boom)
+    with pytest.raises(OSError):
+        fit.write_maps(tmp_path / "MAPS.fits")
+    assert os.listdir(tmp_path) == []
