@@ -89,6 +89,7 @@ def setup_fit(
     mask_emission: bool = True,
     hist_vmax: float = 1000.0,
     hist_dv: float | None = None,
+    h_prior: float | None = 0.1,
 ) -> FitSetup:
     """Prepare a spectrum and templates for fitting (see :func:`fit_spectrum`)."""
     if not spectrum.is_log:
@@ -104,7 +105,8 @@ def setup_fit(
         spectrum = spectrum.masked_emission_lines(template_range=(templates.wave[0], templates.wave[-1]))
     if spectrum.n_good < 20:
         raise KinjaxError(f"only {spectrum.n_good} unmasked pixels left: check the mask and the wavelength range")
-    spec = losvd_spec(losvd, moments=moments, kernel=kernel, vmax=hist_vmax, dv=hist_dv, velscale=spectrum.velscale)
+    spec = losvd_spec(losvd, moments=moments, kernel=kernel, vmax=hist_vmax, dv=hist_dv, velscale=spectrum.velscale,
+                      h_prior=h_prior)
     forward = make_forward_model(templates, spectrum, degree=degree, mdegree=mdegree, vmax=vmax)
     return FitSetup(spectrum, templates, forward, spec)
 
@@ -177,6 +179,7 @@ def fit_spectrum(
     hist_vmax: float = 1000.0,
     hist_dv: float | None = None,
     setup: FitSetup | None = None,
+    h_prior: float | None = 0.1,
 ) -> FitResult:
     """Fit the kinematics of one spectrum.
 
@@ -189,7 +192,8 @@ def fit_spectrum(
         Raw (linear) or already prepared templates; default: the 150 E-MILES SSPs.
     losvd : {"gh", "se", "hist"}
         LOSVD family; ``moments`` (GH), ``kernel`` (SE), ``hist_vmax``/``hist_dv``
-        (histogram, km/s) set it up.
+        (histogram, km/s) set it up; ``h_prior`` is the Normal prior scale of each
+        Gauss–Hermite h_m (None: flat, like pPXF with ``bias=0``).
     degree, mdegree : int
         Additive (-1: none) and multiplicative (0: none) Legendre degrees, as in pPXF.
     velscale_ratio : int
@@ -223,7 +227,7 @@ def fit_spectrum(
         setup = setup_fit(
             spectrum, templates, losvd=losvd, moments=moments, kernel=kernel, degree=degree,
             mdegree=mdegree, velscale_ratio=velscale_ratio, vmax=vmax, noise=noise,
-            mask_emission=mask_emission, hist_vmax=hist_vmax, hist_dv=hist_dv,
+            mask_emission=mask_emission, hist_vmax=hist_vmax, hist_dv=hist_dv, h_prior=h_prior,
         )
     fm, spec, y, w = setup.forward, setup.spec, setup.y, setup.weights
     k = spec.n_params
@@ -316,7 +320,7 @@ def _run_nuts(setup, sol, names, num_warmup, num_samples, num_chains, seed, prog
     import numpyro
     from numpyro.infer import MCMC, NUTS, init_to_value
 
-    from kinjax.models import spectrum_model
+    from kinjax.models import spectrum_model_whitened
 
     fm, spec, y, w = setup.forward, setup.spec, setup.y, setup.weights
     linear = np.asarray(sol.linear)
@@ -335,29 +339,20 @@ def _run_nuts(setup, sol, names, num_warmup, num_samples, num_chains, seed, prog
     prior_scale = jnp.asarray(scale)
 
     theta = np.asarray(sol.theta)
-    k = spec.n_params
-    init = {}
-    if spec.family == "hist":
-        init["logits"] = jnp.asarray(theta[:k])
-    else:
-        lo, hi = spec.lower, spec.upper
-        inside = np.clip(theta[:k], lo + 1e-6 * (hi - lo), hi - 1e-6 * (hi - lo))
-        init.update({n: jnp.asarray(v) for n, v in zip(spec.names, inside)})
-    if fm.mdegree:
-        init["mult"] = jnp.asarray(theta[k:])
-    kernel = NUTS(spectrum_model, init_strategy=init_to_value(values=init), dense_mass=True, target_accept_prob=0.85)
+    cov = np.asarray(sol.cov)
+    cov = 0.5 * (cov + cov.T)
+    evals, evecs = np.linalg.eigh(cov)
+    chol = evecs * np.sqrt(np.clip(evals, 1e-12 * evals.max(), None))
+    kernel = NUTS(spectrum_model_whitened, init_strategy=init_to_value(values={"z": jnp.zeros(theta.size)}),
+                  dense_mass=False, target_accept_prob=0.85)
     mcmc = MCMC(
         kernel, num_warmup=num_warmup, num_samples=num_samples, num_chains=num_chains,
         chain_method="vectorized" if num_chains > 1 else "sequential", progress_bar=progress,
     )
-    mcmc.run(jax.random.PRNGKey(seed), fm_sub, spec, y, w, prior_scale, extra_fields=("diverging",))
+    mcmc.run(jax.random.PRNGKey(seed), fm_sub, spec, y, w, prior_scale, jnp.asarray(theta), jnp.asarray(chol),
+             extra_fields=("diverging",))
     post = mcmc.get_samples(group_by_chain=True)
-    if spec.family == "hist":
-        cols = [np.asarray(post["logits"])]
-    else:
-        cols = [np.asarray(post[n])[..., None] for n in spec.names]
-    if fm.mdegree:
-        cols.append(np.asarray(post["mult"]))
+    cols = [np.asarray(post["theta"])]
     samples = np.concatenate(cols, axis=-1)
     diagnostics = _nuts_diagnostics(samples, names, mcmc)
     return samples, diagnostics
