@@ -39,6 +39,13 @@ Dense n × n work (``eigh``) is used for the posterior covariance up to ``dense_
 field nodes; beyond that the preconditioner and the errors use the diagonal of the
 posterior precision (errors then slightly too small) while the prior term keeps the
 Kronecker structure. numpyro is imported only inside :func:`cube_model` and the SVI path.
+
+Measured on a shared 2-core CPU (float64): the GP log-density and its gradient take
+0.18 / 0.23 / 0.48 ms for 100 / 400 / 1600 grid spaxels with the Kronecker algebra,
+against 17 / 420 / 1900 ms for tinygp's exact (Cholesky) GP. A 10 × 10 mock cube with
+400 pixels: spaxel-by-spaxel 22 s, GP MAP 39 s, both including compilation.
+The SVI path is exact-GP (tinygp) and meant for small cubes; its AutoNormal guide
+starts at scale 0.1 in field units, so it needs thousands of steps for V (km/s).
 """
 
 from __future__ import annotations
