@@ -15,6 +15,7 @@ resolution matching) and then runs
 from __future__ import annotations
 
 import functools
+import sys
 import time
 from dataclasses import dataclass
 
@@ -59,6 +60,16 @@ class FitSetup:
     def start_finder(self):
         """The jitted starting-point scan."""
         return make_start_finder(self.forward, self.spec)
+
+    @functools.cached_property
+    def linear_at(self):
+        """Jitted best linear parameters at a given theta (non-negative template weights)."""
+        return jax.jit(functools.partial(_solve_at, self.forward, self.spec))
+
+    @functools.cached_property
+    def nuts_cache(self) -> dict:
+        """Compiled NUTS samplers of this set-up, by configuration."""
+        return {}
 
     @functools.cached_property
     def band(self):
@@ -255,7 +266,7 @@ def fit_spectrum(
         samples, diagnostics = _run_nuts(setup, sol, names, num_warmup, num_samples, num_chains, seed, progress)
         best = np.median(samples.reshape(-1, len(names)), axis=0)
         # best-fit linear parameters at the posterior median
-        linear = np.asarray(_solve_at(fm, spec, y, w, jnp.asarray(best)))
+        linear = np.asarray(setup.linear_at(y, w, jnp.asarray(best)))
         dof = n_good - int(np.sum(linear != 0)) - len(names)
         chi2 = float(_chi2(fm, spec, y, w, jnp.asarray(best), jnp.asarray(linear)))
     seconds = time.perf_counter() - t0
@@ -315,60 +326,80 @@ def _solve_at(fm, spec, y, w, theta):
     return solve_linear(fm.design_matrix(losvd, mult), y, w, nonneg)
 
 
-def _run_nuts(setup, sol, names, num_warmup, num_samples, num_chains, seed, progress):
-    """NUTS over the non-linear parameters; linear ones integrated out on the MAP support."""
-    import numpyro
-    from numpyro.infer import MCMC, NUTS, init_to_value
+#: Templates kept for NUTS: the MAP's non-zero ones, at most this many (a fixed number, so
+#: one compiled sampler serves every spectrum of a set-up).
+NUTS_TEMPLATES = 16
 
-    from kinjax.models import spectrum_model_whitened
 
-    fm, spec, y, w = setup.forward, setup.spec, setup.y, setup.weights
+def _nuts_inputs(setup, sol):
+    """Forward model restricted to the MAP's template support, and the whitening."""
+    fm, spec, y = setup.forward, setup.spec, setup.y
     linear = np.asarray(sol.linear)
     n_t = fm.n_templates
-    keep = np.flatnonzero(linear[:n_t] > 0)
-    if keep.size == 0:
-        keep = np.arange(n_t)
-    sub = Templates(
-        wave=setup.templates.wave, flux=setup.templates.flux[keep], fwhm=setup.templates.fwhm,
-        velscale=setup.templates.velscale,
-    )
-    fm_sub = make_forward_model(sub, setup.spectrum, degree=fm.degree, mdegree=fm.mdegree, vmax=fm.vmax)
-    # wide Gaussian priors on the linear parameters: 10x the MAP amplitude of each column
+    n_keep = min(NUTS_TEMPLATES, n_t)
+    order = np.argsort(-linear[:n_t], kind="stable")[:n_keep]
+    used = linear[order] > 0
+    if not used.any():
+        used[:] = True
+    if fm.n_components == 1:
+        # same shapes for every spectrum: unused slots get a zero prior width (no effect)
+        fm_sub = ForwardModel(
+            template_fft=fm.template_fft[order], omega=fm.omega, phase=fm.phase, index=fm.index,
+            additive=fm.additive, multiplicative=fm.multiplicative, goodpixels=fm.goodpixels,
+            n_pad=fm.n_pad, velscale=fm.velscale, velscale_ratio=fm.velscale_ratio,
+            component_sizes=(n_keep,), vmax=fm.vmax,
+        )
+    else:  # several components: keep every template (rarely needed; slower)
+        fm_sub, used = fm, np.ones(n_t, bool)
+    # wide Gaussian priors on the linear parameters: 10x the data amplitude per column
     design = np.asarray(fm_sub.design_matrix(*_split(fm_sub, spec, jnp.asarray(sol.theta))))
-    scale = 10.0 * np.sqrt(np.mean(np.asarray(y) ** 2)) / np.maximum(np.sqrt(np.mean(design**2, axis=0)), 1e-30)
-    prior_scale = jnp.asarray(scale)
-
-    theta = np.asarray(sol.theta)
+    rms = np.maximum(np.sqrt(np.mean(design**2, axis=0)), 1e-30)
+    scale = 10.0 * np.sqrt(np.mean(np.asarray(y) ** 2)) / rms
+    scale[: used.size] *= used
     cov = np.asarray(sol.cov)
-    cov = 0.5 * (cov + cov.T)
-    evals, evecs = np.linalg.eigh(cov)
+    evals, evecs = np.linalg.eigh(0.5 * (cov + cov.T))
     chol = evecs * np.sqrt(np.clip(evals, 1e-12 * evals.max(), None))
-    kernel = NUTS(spectrum_model_whitened, init_strategy=init_to_value(values={"z": jnp.zeros(theta.size)}),
-                  dense_mass=False, target_accept_prob=0.85)
-    mcmc = MCMC(
-        kernel, num_warmup=num_warmup, num_samples=num_samples, num_chains=num_chains,
-        chain_method="vectorized" if num_chains > 1 else "sequential", progress_bar=progress,
+    return fm_sub, jnp.asarray(scale), jnp.asarray(sol.theta), jnp.asarray(chol)
+
+
+def _nuts_sampler(setup, num_warmup, num_samples, num_chains):
+    """The compiled NUTS program of a set-up and configuration (built once, then reused)."""
+    from kinjax.models import make_nuts_program
+
+    key = (num_warmup, num_samples, num_chains)
+    cache = setup.nuts_cache
+    if key not in cache:
+        n_theta = setup.spec.n_params + setup.forward.mdegree
+        cache[key] = make_nuts_program(setup.spec, n_theta, num_warmup, num_samples, num_chains)
+    return cache[key]
+
+
+def _run_nuts(setup, sol, names, num_warmup, num_samples, num_chains, seed, progress):
+    """NUTS over the non-linear parameters; linear ones integrated out on the MAP support."""
+    fm_sub, prior_scale, loc, chol = _nuts_inputs(setup, sol)
+    run = _nuts_sampler(setup, num_warmup, num_samples, num_chains)
+    if progress:
+        print(f"kinjax: NUTS, {num_chains} chains x ({num_warmup} warm-up + {num_samples}) draws ...",
+              file=sys.stderr, flush=True)
+    z, diverging, num_steps = jax.block_until_ready(
+        run(jax.random.PRNGKey(seed), fm_sub, setup.y, setup.weights, prior_scale, loc, chol)
     )
-    mcmc.run(jax.random.PRNGKey(seed), fm_sub, spec, y, w, prior_scale, jnp.asarray(theta), jnp.asarray(chol),
-             extra_fields=("diverging",))
-    post = mcmc.get_samples(group_by_chain=True)
-    cols = [np.asarray(post["theta"])]
-    samples = np.concatenate(cols, axis=-1)
-    diagnostics = _nuts_diagnostics(samples, names, mcmc)
+    samples = np.asarray(loc)[None, None] + np.einsum("ij,cnj->cni", np.asarray(chol), np.asarray(z))
+    diagnostics = _nuts_diagnostics(samples, names, np.asarray(diverging), np.asarray(num_steps))
     return samples, diagnostics
 
 
-def _nuts_diagnostics(samples, names, mcmc):
+def _nuts_diagnostics(samples, names, diverging, num_steps):
     import arviz as az
 
     data = {n: samples[..., i] for i, n in enumerate(names)}
     rhat = az.rhat(az.convert_to_dataset(data))
     ess = az.ess(az.convert_to_dataset(data), method="bulk")
-    diverging = np.asarray(mcmc.get_extra_fields()["diverging"])
     return {
         "r_hat": {n: float(rhat[n]) for n in names},
         "ess_bulk": {n: float(ess[n]) for n in names},
         "divergences": int(diverging.sum()),
+        "mean_tree_steps": float(num_steps.mean()),
         "num_chains": int(samples.shape[0]),
         "num_samples": int(samples.shape[1]),
     }

@@ -16,6 +16,9 @@ Priors (weakly informative, no galaxy-specific constants):
 
 from __future__ import annotations
 
+import functools
+
+import jax
 import jax.numpy as jnp
 import numpyro
 import numpyro.distributions as dist
@@ -25,7 +28,7 @@ from kinjax.family import LosvdSpec
 from kinjax.forward import ForwardModel
 from kinjax.linear import marginal_loglike
 
-__all__ = ["spectrum_model", "spectrum_model_whitened"]
+__all__ = ["spectrum_model", "spectrum_model_whitened", "log_posterior_whitened", "make_nuts_program"]
 
 
 def spectrum_model(forward: ForwardModel, spec: LosvdSpec, y, weights, prior_scale):
@@ -65,7 +68,7 @@ def spectrum_model(forward: ForwardModel, spec: LosvdSpec, y, weights, prior_sca
     numpyro.factor("loglike", marginal_loglike(design, y, weights, prior_scale))
 
 
-def spectrum_model_whitened(forward: ForwardModel, spec: LosvdSpec, y, weights, prior_scale, loc, chol):
+def spectrum_model_whitened(forward: ForwardModel, y, weights, prior_scale, loc, chol, *, spec: LosvdSpec):
     """:func:`spectrum_model` with the non-linear parameters whitened by a Laplace fit.
 
     The sampler moves ``z`` (n_theta,) with ``theta = loc + chol @ z``, where ``loc`` and
@@ -100,3 +103,66 @@ def spectrum_model_whitened(forward: ForwardModel, spec: LosvdSpec, y, weights, 
     numpyro.deterministic("dispersion", losvd.dispersion)
     design = forward.design_matrix(losvd, mult)
     numpyro.factor("loglike", marginal_loglike(design, y, weights, prior_scale))
+
+
+def log_posterior_whitened(z, forward: ForwardModel, y, weights, prior_scale, loc, chol, spec: LosvdSpec):
+    """Log posterior of :func:`spectrum_model_whitened` at ``z`` (n_theta,), as a pure function.
+
+    Equal to numpyro's log density of that model up to a constant; used by the compiled
+    NUTS program so that one compilation serves every spectrum of the same shape.
+    """
+    dtype = y.dtype
+    k = spec.n_params
+    theta = loc + chol @ z
+    lv_theta = theta[:k]
+    lower, upper = jnp.asarray(spec.lower, dtype), jnp.asarray(spec.upper, dtype)
+    inside = jnp.all((lv_theta > lower) & (lv_theta < upper))
+    logp = -0.5 * jnp.sum(spec.prior_residuals(lv_theta) ** 2)
+    mult = None
+    if forward.mdegree:
+        mult = theta[k:]
+        logp = logp - 0.5 * jnp.sum(mult**2)
+    losvd = spec.build(jnp.where(inside, lv_theta, jnp.clip(lv_theta, lower, upper)))
+    logp = logp + marginal_loglike(forward.design_matrix(losvd, mult), y, weights, prior_scale)
+    return jnp.where(inside, logp, -jnp.inf)
+
+
+def make_nuts_program(spec: LosvdSpec, n_theta: int, num_warmup: int, num_samples: int, num_chains: int,
+                      target_accept_prob: float = 0.85):
+    """A jitted NUTS run (warm-up with step-size and diagonal mass adaptation, then sampling).
+
+    Built on numpyro's functional ``hmc`` kernel, with the loop compiled once: calling the
+    returned function again with new data (same shapes) does not recompile, and it can be
+    ``vmap``-ped over spectra.
+
+    Returns
+    -------
+    run(key, forward, y, weights, prior_scale, loc, chol) -> (z, diverging, num_steps), with
+    z of shape (num_chains, num_samples, n_theta) (whitened; theta = loc + chol @ z).
+    """
+    from numpyro.infer.hmc import hmc
+
+    def potential_gen(forward, y, weights, prior_scale, loc, chol):
+        return lambda z: -log_posterior_whitened(z, forward, y, weights, prior_scale, loc, chol, spec)
+
+    init_kernel, sample_kernel = hmc(potential_fn_gen=potential_gen, algo="NUTS")
+
+    def one_chain(key, args):
+        state = init_kernel(jnp.zeros(n_theta, args[1].dtype), num_warmup, target_accept_prob=target_accept_prob,
+                            model_args=args, rng_key=key)
+
+        def step(state, _):
+            state = sample_kernel(state, model_args=args)
+            return state, (state.z, state.diverging, state.num_steps)
+
+        state, _ = jax.lax.scan(step, state, None, length=num_warmup)
+        _, out = jax.lax.scan(step, state, None, length=num_samples)
+        return out
+
+    @jax.jit
+    def run(key, forward, y, weights, prior_scale, loc, chol):
+        args = (forward, y, weights, prior_scale, loc, chol)
+        keys = jax.random.split(key, num_chains)
+        return jax.vmap(lambda k: one_chain(k, args))(keys)
+
+    return run
