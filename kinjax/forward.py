@@ -175,13 +175,20 @@ class ForwardModel(eqx.Module):
         -------
         (n_pix,) model flux.
         """
+        if len(_as_tuple(losvds)) != self.n_components:
+            raise KinjaxError(
+                f"the model has {self.n_components} kinematic component(s) but "
+                f"{len(_as_tuple(losvds))} LOSVD(s) were given"
+            )
         weights = jnp.asarray(weights).astype(self.additive.dtype)
-        # Mix the templates first (linear), so only one inverse FFT per spectrum is needed.
-        mixed = self._losvd_fts(losvds) * self.template_fft * weights[:, None]
+        # Mix the templates of each component first (one matrix-vector product), then
+        # apply that component's LOSVD: one inverse FFT per spectrum.
+        cdtype = self.template_fft.dtype
         starts = np.cumsum((0,) + self.component_sizes)
-        per_component = jnp.stack(
-            [mixed[a:b].sum(axis=0) for a, b in zip(starts[:-1], starts[1:])]
-        ).sum(axis=0)
+        per_component = 0.0
+        for lv, a, b in zip(_as_tuple(losvds), starts[:-1], starts[1:]):
+            mixed = weights[a:b].astype(cdtype) @ self.template_fft[a:b]
+            per_component = per_component + mixed * lv.ft(self.omega).astype(cdtype) * self.phase
         model = self._sample(per_component) * self.multiplicative_polynomial(mult_coeffs)
         if add_coeffs is not None and self.degree >= 0:
             model = model + jnp.asarray(add_coeffs).astype(model.dtype) @ self.additive

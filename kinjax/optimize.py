@@ -64,7 +64,7 @@ def _bounds(spec: LosvdSpec, mdegree: int):
 
 def _nonneg_mask(forward: ForwardModel, nonneg: bool):
     n_lin = forward.n_templates + forward.degree + 1
-    return jnp.asarray(np.r_[np.full(forward.n_templates, nonneg), np.zeros(n_lin - forward.n_templates, bool)])
+    return np.r_[np.full(forward.n_templates, nonneg), np.zeros(n_lin - forward.n_templates, bool)]
 
 
 def make_map_solver(forward: ForwardModel, spec: LosvdSpec, *, nonneg: bool = True, max_iter: int = 60, xtol: float = 1e-7):
@@ -87,7 +87,7 @@ def make_map_solver(forward: ForwardModel, spec: LosvdSpec, *, nonneg: bool = Tr
     """
     k = spec.n_params
     mdeg = forward.mdegree
-    lower, upper = (jnp.asarray(b) for b in _bounds(spec, mdeg))
+    lower, upper = _bounds(spec, mdeg)  # NumPy constants: safe to build under a trace
     nonneg_mask = _nonneg_mask(forward, nonneg)
     n_t = forward.n_templates
 
@@ -166,10 +166,12 @@ def make_start_finder(forward: ForwardModel, spec: LosvdSpec, *, vmax: float = 1
     from kinjax.losvd import Gaussian
 
     n_t = forward.n_templates
-    mean_w = jnp.full(n_t, 1.0 / n_t, dtype=forward.additive.dtype)
-    velocities = jnp.arange(-vmax, vmax + dv / 2, dv, dtype=forward.additive.dtype)
-    sig = jnp.asarray(sigmas, dtype=forward.additive.dtype)
-    base = jnp.asarray(spec.initial(0.0, 150.0), dtype=forward.additive.dtype)
+    dtype = forward.additive.dtype
+    # NumPy constants, so that the finder can be built inside a traced function
+    mean_w = np.full(n_t, 1.0 / n_t, dtype=dtype)
+    velocities = np.arange(-vmax, vmax + dv / 2, dv).astype(dtype)
+    sig = np.asarray(sigmas, dtype=dtype)
+    base = np.asarray(spec.initial(0.0, 150.0), dtype=dtype)
     n_comp = forward.n_components
 
     def chi2(v, s, y, w):
@@ -180,14 +182,14 @@ def make_start_finder(forward: ForwardModel, spec: LosvdSpec, *, vmax: float = 1
 
     def start(y, w):
         c_v = jax.vmap(lambda v: chi2(v, 150.0, y, w))(velocities)
-        v0 = velocities[jnp.argmin(c_v)]
+        v0 = jnp.asarray(velocities)[jnp.argmin(c_v)]
         c_s = jax.vmap(lambda s: chi2(v0, s, y, w))(sig)
-        s0 = sig[jnp.argmin(c_s)]
+        s0 = jnp.asarray(sig)[jnp.argmin(c_s)]
         if spec.family == "hist":
-            c = jnp.asarray(spec.options["centres"], dtype=y.dtype)
+            c = np.asarray(spec.options["centres"], dtype=y.dtype)
             theta = -0.5 * ((c - v0) / s0) ** 2
         else:
-            theta = base.at[0].set(v0).at[1].set(s0)
+            theta = jnp.asarray(base).at[0].set(v0).at[1].set(s0)
         return jnp.concatenate([theta, jnp.zeros(forward.mdegree, dtype=theta.dtype)])
 
     return jax.jit(start)
