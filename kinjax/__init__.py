@@ -42,7 +42,8 @@ _LAZY = {
     "fit_spectrum": "kinjax.fit",
     "FitResult": "kinjax.result",
     "fit_cube_spaxels": "kinjax.cube_fit",
-    "fit_cube_gp": "kinjax.cube_fit",
+    "fit_cube_gp": "kinjax.cube_model",
+    "CubeFit": "kinjax.cube_fit",
     # mocks
     "make_mock_cube": "kinjax.mock",
     "MockGalaxy": "kinjax.mock",
@@ -62,7 +63,7 @@ def __getattr__(name):
         value = getattr(importlib.import_module(_LAZY[name]), name)
         globals()[name] = value
         return value
-    if name in ("losvd", "plots", "cube", "fit", "mock", "forward", "templates", "spectrum"):
+    if name in ("losvd", "plots", "cube", "fit", "mock", "forward", "templates", "spectrum", "cube_fit", "cube_model"):
         return importlib.import_module(f"kinjax.{name}")
     raise AttributeError(f"module 'kinjax' has no attribute {name!r}")
 
