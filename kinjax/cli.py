@@ -221,6 +221,41 @@ def _cmd_fit(args) -> int:
     return 0
 
 
+def _cmd_fit_cube(args) -> int:
+    import jax
+
+    jax.config.update("jax_enable_x64", True)
+    from kinjax.cube import read_cube
+    from kinjax.cube_fit import fit_cube_spaxels
+    from kinjax.templates import load_emiles
+
+    out = Path(args.out)
+    if not out.parent.exists():
+        raise KinjaxError(f"{out}: the output directory does not exist")
+    if args.spatial == "none" and args.method == "svi":
+        raise KinjaxError("--method svi needs --spatial gp (spaxel-by-spaxel fits use map or nuts)")
+    if args.spatial == "gp" and args.method == "nuts":
+        raise KinjaxError("--spatial gp supports --method map or svi (NUTS over a whole cube is not offered)")
+    cube = read_cube(args.target, args.format, fwhm=args.fwhm, redshift=args.redshift)
+    templates = load_emiles()
+    common = dict(losvd=args.losvd, moments=args.moments, degree=args.degree, mdegree=args.mdegree,
+                  snr_min=args.snr_min, seed=args.seed, progress=True)
+    if args.spatial == "gp":
+        from kinjax.cube_model import fit_cube_gp
+
+        result = fit_cube_gp(cube, templates, method=args.method, **common)
+    elif args.method == "nuts":
+        from kinjax.cube_fit import fit_cube_spaxels_nuts
+
+        result = fit_cube_spaxels_nuts(cube, templates, **common)
+    else:
+        result = fit_cube_spaxels(cube, templates, **common)
+    result.write_maps(out)
+    print(json.dumps({"out": str(out), "n_fitted": int(np.sum(result.fitted)),
+                      "n_spaxels": int(result.n_spaxels), "spatial": args.spatial, "method": args.method}))
+    return 0
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kinjax", description="Stellar kinematics of galaxy spectra and IFU cubes with JAX."
@@ -257,6 +292,28 @@ def _build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--save", default=None, metavar="RESULT.nc", help="also save the full result (netCDF)")
     fit.add_argument("--out", required=True, metavar="RESULT.json", help="JSON summary to write")
     fit.set_defaults(func=_cmd_fit)
+
+    fc = subparsers.add_parser(
+        "fit-cube", help="fit the kinematics of every spaxel of an IFU cube, optionally with GP priors",
+        description="Fit a MUSE, MaNGA or ATLAS3D cube spaxel by spaxel (--spatial none) or jointly with "
+                    "Gaussian-process priors on the kinematic maps (--spatial gp); write MAPS.fits.",
+    )
+    fc.add_argument("target", metavar="CUBE", help="FITS cube")
+    fc.add_argument("--format", choices=["muse", "manga", "atlas3d"], default=None,
+                    help="cube layout (default: detected from the file)")
+    fc.add_argument("--redshift", type=float, default=0.0, help="systemic redshift z (default 0)")
+    fc.add_argument("--fwhm", type=float, default=None,
+                    help="instrumental FWHM in Å (may be omitted when the file carries it, e.g. MaNGA)")
+    fc.add_argument("--losvd", choices=["gh", "se", "hist"], default="gh", help="LOSVD family (default gh)")
+    fc.add_argument("--moments", type=int, default=4, help="Gauss–Hermite moments (default 4)")
+    fc.add_argument("--degree", type=int, default=4, help="additive Legendre degree (default 4)")
+    fc.add_argument("--mdegree", type=int, default=0, help="multiplicative Legendre degree (default 0)")
+    fc.add_argument("--spatial", choices=["none", "gp"], default="none", help="spatial prior (default none)")
+    fc.add_argument("--method", choices=["map", "nuts", "svi"], default="map", help="inference (default map)")
+    fc.add_argument("--snr-min", type=float, default=None, help="skip spaxels with median S/N below this")
+    fc.add_argument("--seed", type=int, default=0, help="random seed")
+    fc.add_argument("--out", required=True, metavar="MAPS.fits", help="output maps")
+    fc.set_defaults(func=_cmd_fit_cube)
     return parser
 
 

@@ -23,7 +23,7 @@ import numpy as np
 
 from kinjax.errors import KinjaxError
 
-__all__ = ["CubeFit", "fit_cube_spaxels", "prepare_cube", "losvd_summaries", "grid_moments",
+__all__ = ["CubeFit", "fit_cube_spaxels", "fit_cube_spaxels_nuts", "prepare_cube", "losvd_summaries", "grid_moments",
            "laplace_batch", "spec_key"]
 
 #: Laplace draws per spaxel used to propagate errors to the mean velocity and dispersion.
@@ -213,7 +213,7 @@ def spec_key(spec) -> tuple:
     opts = tuple(sorted((k, np.asarray(v).tobytes() if isinstance(v, np.ndarray) else v)
                         for k, v in spec.options.items()))
     key = (spec.family, tuple(spec.names), np.asarray(spec.lower).tobytes(),
-           np.asarray(spec.upper).tobytes(), float(spec.smoothness), opts)
+           np.asarray(spec.upper).tobytes(), float(spec.smoothness), spec.h_prior, opts)
     _SPECS.setdefault(key, spec)
     return key
 
@@ -375,6 +375,62 @@ def fit_cube_spaxels(cube, templates, *, losvd="gh", moments=4, degree=4, mdegre
         chi2[part] = np.asarray(sol.chi2)[:m]
         dof[part] = cube.mask[part].sum(axis=1) - n_theta - np.asarray(sol.n_active)[:m]
     return finish_fit(cube, spec, forward, theta, cov, chi2, dof, use, seed=seed, method="spaxels")
+
+
+def fit_cube_spaxels_nuts(cube, templates, *, losvd="gh", moments=4, degree=4, mdegree=0,
+                          velscale_ratio=2, vmax=2000.0, snr_min=None, num_warmup=300, num_samples=250,
+                          num_chains=2, progress=True, seed=0) -> CubeFit:
+    """Fit every usable spaxel independently with NUTS (MAP first, then the posterior).
+
+    One MAP solver and one NUTS program are compiled for the whole cube (the NUTS
+    program of :func:`kinjax.models.make_nuts_program`, on a fixed number of templates),
+    then the spaxels are sampled one after the other with a progress bar.
+    ``theta`` holds the posterior medians, ``theta_err`` half the 16-84 % widths and
+    ``cov`` the sample covariances; ``info["r_hat_max"]`` and ``info["divergences"]``
+    (n_spaxels,) are the diagnostics. Other parameters as :func:`fit_cube_spaxels`.
+    """
+    from kinjax.fit import nuts_inputs
+    from kinjax.models import make_nuts_program
+    from kinjax.optimize import make_map_solver, make_start_finder
+
+    cube, use, forward, spec = prepare_cube(
+        cube, templates, snr_min=snr_min, velscale_ratio=velscale_ratio, vmax=vmax,
+        degree=degree, mdegree=mdegree, losvd=losvd, moments=moments)
+    dtype = forward.additive.dtype
+    n, n_theta = cube.n_spaxels, spec.n_params + mdegree
+    start, solve = make_start_finder(forward, spec), make_map_solver(forward, spec)
+    map_fit = jax.jit(lambda y, w: solve(y, w, start(y, w)))
+    run = make_nuts_program(spec, n_theta, num_warmup, num_samples, num_chains)
+    theta = np.full((n, n_theta), np.nan)
+    err = np.full((n, n_theta), np.nan)
+    cov = np.full((n, n_theta, n_theta), np.nan)
+    chi2, dof = np.full(n, np.nan), np.full(n, np.nan)
+    rhat, divergences = np.full(n, np.nan), np.full(n, -1)
+    idx = np.flatnonzero(use)
+    keys = jax.random.split(jax.random.PRNGKey(seed), idx.size)
+    for j, i in _progress(list(enumerate(idx)), idx.size, progress, "spaxels (NUTS)"):
+        y = jnp.asarray(cube.flux[i].astype(dtype))
+        w = jnp.asarray((cube.mask[i] / cube.noise[i]).astype(dtype))
+        sol = map_fit(y, w)
+        fm_sub, prior_scale, loc, chol = nuts_inputs(forward, spec, y, sol)
+        z, div, _ = run(keys[j], fm_sub, y, w, prior_scale, loc, chol)
+        draws = np.asarray(loc) + np.einsum("ij,cnj->cni", np.asarray(chol), np.asarray(z))
+        flat = draws.reshape(-1, n_theta)
+        lo, med, hi = np.percentile(flat, [15.865, 50.0, 84.135], axis=0)
+        theta[i], err[i], cov[i] = med, 0.5 * (hi - lo), np.atleast_2d(np.cov(flat.T))
+        chi2[i] = float(sol.chi2)
+        dof[i] = cube.mask[i].sum() - n_theta - int(sol.n_active)
+        divergences[i] = int(np.asarray(div).sum())
+        if num_chains > 1:
+            import arviz as az
+
+            r = az.rhat(az.convert_to_dataset({f"p{k}": draws[..., k] for k in range(n_theta)}))
+            rhat[i] = max(float(r[f"p{k}"]) for k in range(n_theta))
+    out = finish_fit(cube, spec, forward, theta, cov, chi2, dof, use, seed=seed, method="spaxels-nuts",
+                     info={"r_hat_max": rhat, "divergences": divergences})
+    import dataclasses
+
+    return dataclasses.replace(out, theta_err=np.where(use[:, None], err, np.nan))
 
 
 def finish_fit(cube, spec, forward, theta, cov, chi2, dof, use, *, seed=0, method="spaxels", info=None):

@@ -31,7 +31,7 @@ from kinjax.optimize import make_map_solver, make_start_finder
 from kinjax.result import FitResult
 from kinjax.templates import Templates, load_emiles, prepare_templates
 
-__all__ = ["FitSetup", "setup_fit", "fit_spectrum", "losvd_band", "losvd_band_arrays"]
+__all__ = ["FitSetup", "setup_fit", "fit_spectrum", "losvd_band", "losvd_band_arrays", "nuts_inputs"]
 
 
 @dataclass(frozen=True)
@@ -331,9 +331,13 @@ def _solve_at(fm, spec, y, w, theta):
 NUTS_TEMPLATES = 16
 
 
-def _nuts_inputs(setup, sol):
-    """Forward model restricted to the MAP's template support, and the whitening."""
-    fm, spec, y = setup.forward, setup.spec, setup.y
+def nuts_inputs(fm: ForwardModel, spec: LosvdSpec, y, sol):
+    """Inputs of the compiled NUTS program for one spectrum, from its MAP solution.
+
+    Returns the forward model restricted to the MAP's template support (a fixed number
+    of templates, :data:`NUTS_TEMPLATES`), the prior widths of the linear parameters,
+    and the whitening (MAP ``loc`` and a square root ``chol`` of its Laplace covariance).
+    """
     linear = np.asarray(sol.linear)
     n_t = fm.n_templates
     n_keep = min(NUTS_TEMPLATES, n_t)
@@ -376,7 +380,7 @@ def _nuts_sampler(setup, num_warmup, num_samples, num_chains):
 
 def _run_nuts(setup, sol, names, num_warmup, num_samples, num_chains, seed, progress):
     """NUTS over the non-linear parameters; linear ones integrated out on the MAP support."""
-    fm_sub, prior_scale, loc, chol = _nuts_inputs(setup, sol)
+    fm_sub, prior_scale, loc, chol = nuts_inputs(setup.forward, setup.spec, setup.y, sol)
     run = _nuts_sampler(setup, num_warmup, num_samples, num_chains)
     if progress:
         print(f"kinjax: NUTS, {num_chains} chains x ({num_warmup} warm-up + {num_samples}) draws ...",
