@@ -206,7 +206,7 @@ def _cmd_fit(args) -> int:
         noise = args.noise
     result = fit_spectrum(
         spectrum, losvd=args.losvd, moments=args.moments, degree=args.degree, mdegree=args.mdegree,
-        noise=noise, method=args.method, seed=args.seed, mask_emission=not args.no_mask_emission,
+        noise=noise, method=args.method, seed=args.seed, mask_emission=not args.no_mask_emission, n_pca=args.pca,
         progress=sys.stderr.isatty() or args.method == "nuts",
     )
     summary = result.summary()
@@ -287,6 +287,8 @@ def _build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--degree", type=int, default=4, help="additive Legendre degree (default 4; -1 none)")
     fit.add_argument("--mdegree", type=int, default=0, help="multiplicative Legendre degree (default 0)")
     fit.add_argument("--method", choices=["map", "nuts"], default="map", help="map (default) or nuts")
+    fit.add_argument("--pca", type=int, default=None, metavar="N",
+                     help="compress the templates to N principal components (unconstrained weights)")
     fit.add_argument("--seed", type=int, default=0, help="random seed")
     fit.add_argument("--no-mask-emission", action="store_true", help="do not mask emission lines")
     fit.add_argument("--save", default=None, metavar="RESULT.nc", help="also save the full result (netCDF)")

@@ -44,17 +44,20 @@ class FitSetup:
     templates : the prepared (log-rebinned, resolution-matched) Templates
     forward : ForwardModel
     spec : LosvdSpec
+    nonneg : bool
+        Template weights constrained to be non-negative (False for PCA templates).
     """
 
     spectrum: object
     templates: Templates
     forward: ForwardModel
     spec: LosvdSpec
+    nonneg: bool = True
 
     @functools.cached_property
     def solver(self):
         """The jitted MAP solver (built and compiled once per set-up)."""
-        return make_map_solver(self.forward, self.spec)
+        return make_map_solver(self.forward, self.spec, nonneg=self.nonneg)
 
     @functools.cached_property
     def start_finder(self):
@@ -64,7 +67,7 @@ class FitSetup:
     @functools.cached_property
     def linear_at(self):
         """Jitted best linear parameters at a given theta (non-negative template weights)."""
-        return jax.jit(functools.partial(_solve_at, self.forward, self.spec))
+        return jax.jit(functools.partial(_solve_at, self.forward, self.spec, self.nonneg))
 
     @functools.cached_property
     def nuts_cache(self) -> dict:
@@ -101,8 +104,14 @@ def setup_fit(
     hist_vmax: float = 1000.0,
     hist_dv: float | None = None,
     h_prior: float | None = 0.1,
+    n_pca: int | None = None,
 ) -> FitSetup:
-    """Prepare a spectrum and templates for fitting (see :func:`fit_spectrum`)."""
+    """Prepare a spectrum and templates for fitting (see :func:`fit_spectrum`).
+
+    With ``n_pca`` the prepared templates are compressed to that many principal
+    components (:func:`kinjax.templates.pca_templates`) and their weights are
+    unconstrained; otherwise the weights are non-negative, as in pPXF.
+    """
     if not spectrum.is_log:
         spectrum = spectrum.log_rebin()
     if noise is not None:
@@ -112,6 +121,10 @@ def setup_fit(
         templates = load_emiles()
     if not templates.is_log:
         templates = prepare_templates(templates, spectrum, velscale_ratio=velscale_ratio, vmax=vmax)
+    if n_pca is not None:
+        from kinjax.templates import pca_templates
+
+        templates = pca_templates(templates, n_pca)
     if mask_emission:
         spectrum = spectrum.masked_emission_lines(template_range=(templates.wave[0], templates.wave[-1]))
     if spectrum.n_good < 20:
@@ -119,7 +132,7 @@ def setup_fit(
     spec = losvd_spec(losvd, moments=moments, kernel=kernel, vmax=hist_vmax, dv=hist_dv, velscale=spectrum.velscale,
                       h_prior=h_prior)
     forward = make_forward_model(templates, spectrum, degree=degree, mdegree=mdegree, vmax=vmax)
-    return FitSetup(spectrum, templates, forward, spec)
+    return FitSetup(spectrum, templates, forward, spec, nonneg=n_pca is None)
 
 
 def losvd_band_arrays(spec: LosvdSpec, thetas, velocity):
@@ -191,6 +204,7 @@ def fit_spectrum(
     hist_dv: float | None = None,
     setup: FitSetup | None = None,
     h_prior: float | None = 0.1,
+    n_pca: int | None = None,
 ) -> FitResult:
     """Fit the kinematics of one spectrum.
 
@@ -225,6 +239,9 @@ def fit_spectrum(
     seed : int
     progress : bool
         Show numpyro's progress bar (NUTS).
+    n_pca : int, optional
+        Compress the templates to this many principal components with unconstrained
+        weights (default: all templates, non-negative weights).
     setup : FitSetup, optional
         Reuse a prepared set-up (then the preparation keywords are ignored).
 
@@ -239,6 +256,7 @@ def fit_spectrum(
             spectrum, templates, losvd=losvd, moments=moments, kernel=kernel, degree=degree,
             mdegree=mdegree, velscale_ratio=velscale_ratio, vmax=vmax, noise=noise,
             mask_emission=mask_emission, hist_vmax=hist_vmax, hist_dv=hist_dv, h_prior=h_prior,
+            n_pca=n_pca,
         )
     fm, spec, y, w = setup.forward, setup.spec, setup.y, setup.weights
     k = spec.n_params
@@ -318,11 +336,11 @@ def _chi2(fm, spec, y, w, theta, linear):
     return jnp.sum(((_model(fm, spec, theta, linear) - y) * w) ** 2)
 
 
-def _solve_at(fm, spec, y, w, theta):
+def _solve_at(fm, spec, nonneg_templates, y, w, theta):
     from kinjax.linear import solve_linear
 
     losvd, mult = _split(fm, spec, theta)
-    nonneg = jnp.arange(fm.n_templates + fm.degree + 1) < fm.n_templates
+    nonneg = (np.arange(fm.n_templates + fm.degree + 1) < fm.n_templates) & nonneg_templates
     return solve_linear(fm.design_matrix(losvd, mult), y, w, nonneg)
 
 
@@ -341,8 +359,8 @@ def nuts_inputs(fm: ForwardModel, spec: LosvdSpec, y, sol):
     linear = np.asarray(sol.linear)
     n_t = fm.n_templates
     n_keep = min(NUTS_TEMPLATES, n_t)
-    order = np.argsort(-linear[:n_t], kind="stable")[:n_keep]
-    used = linear[order] > 0
+    order = np.argsort(-np.abs(linear[:n_t]), kind="stable")[:n_keep]
+    used = linear[order] != 0
     if not used.any():
         used[:] = True
     if fm.n_components == 1:
@@ -382,12 +400,23 @@ def _run_nuts(setup, sol, names, num_warmup, num_samples, num_chains, seed, prog
     """NUTS over the non-linear parameters; linear ones integrated out on the MAP support."""
     fm_sub, prior_scale, loc, chol = nuts_inputs(setup.forward, setup.spec, setup.y, sol)
     run = _nuts_sampler(setup, num_warmup, num_samples, num_chains)
+    from kinjax.models import PROGRESS
+
+    bar = None
     if progress:
-        print(f"kinjax: NUTS, {num_chains} chains x ({num_warmup} warm-up + {num_samples}) draws ...",
-              file=sys.stderr, flush=True)
-    z, diverging, num_steps = jax.block_until_ready(
-        run(jax.random.PRNGKey(seed), fm_sub, setup.y, setup.weights, prior_scale, loc, chol)
-    )
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=num_warmup + num_samples, desc=f"NUTS ({num_chains} chains)", file=sys.stderr)
+    PROGRESS["bar"] = bar
+    try:
+        z, diverging, num_steps = jax.block_until_ready(
+            run(jax.random.PRNGKey(seed), fm_sub, setup.y, setup.weights, prior_scale, loc, chol)
+        )
+    finally:
+        PROGRESS["bar"] = None
+        if bar is not None:
+            bar.update(bar.total - bar.n)
+            bar.close()
     samples = np.asarray(loc)[None, None] + np.einsum("ij,cnj->cni", np.asarray(chol), np.asarray(z))
     diagnostics = _nuts_diagnostics(samples, names, np.asarray(diverging), np.asarray(num_steps))
     return samples, diagnostics

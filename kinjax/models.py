@@ -127,6 +127,17 @@ def log_posterior_whitened(z, forward: ForwardModel, y, weights, prior_scale, lo
     return jnp.where(inside, logp, -jnp.inf)
 
 
+#: The progress bar the compiled NUTS programs report to (set by the driver around a run).
+PROGRESS = {"bar": None}
+_TICK = 25
+
+
+def _tick(i):
+    bar = PROGRESS["bar"]
+    if bar is not None and int(i) > bar.n:
+        bar.update(int(i) - bar.n)
+
+
 def make_nuts_program(spec: LosvdSpec, n_theta: int, num_warmup: int, num_samples: int, num_chains: int,
                       target_accept_prob: float = 0.85):
     """A jitted NUTS run (warm-up with step-size and diagonal mass adaptation, then sampling).
@@ -151,12 +162,14 @@ def make_nuts_program(spec: LosvdSpec, n_theta: int, num_warmup: int, num_sample
         state = init_kernel(jnp.zeros(n_theta, args[1].dtype), num_warmup, target_accept_prob=target_accept_prob,
                             model_args=args, rng_key=key)
 
-        def step(state, _):
+        def step(state, i):
             state = sample_kernel(state, model_args=args)
+            # report progress to the host every _TICK iterations (see PROGRESS)
+            jax.lax.cond(i % _TICK == 0, lambda: jax.debug.callback(_tick, i), lambda: None)
             return state, (state.z, state.diverging, state.num_steps)
 
-        state, _ = jax.lax.scan(step, state, None, length=num_warmup)
-        _, out = jax.lax.scan(step, state, None, length=num_samples)
+        state, _ = jax.lax.scan(step, state, jnp.arange(1, num_warmup + 1))
+        _, out = jax.lax.scan(step, state, jnp.arange(num_warmup + 1, num_warmup + num_samples + 1))
         return out
 
     @jax.jit
