@@ -387,9 +387,11 @@ def cube_model(chi2_of_fields, xy, field_names, *, kind="matern32", amp_scales=N
     mean_locs, mean_scales : (n_fields,)
         Normal prior of each field's constant mean.
 
-    Sample sites per field ``f``: ``f_mean``, ``f_amp``, ``f_scale``, and ``f`` (n_nodes,)
-    drawn from tinygp's ``GaussianProcess(...).numpyro_dist()``. The data enter through
-    ``numpyro.factor("data", -χ²/2)``.
+    Notes
+    -----
+    Sample sites for each field named F: F_mean, F_amp, F_scale and F itself, shape
+    (n_nodes,), drawn from the numpyro distribution of a tinygp GaussianProcess. The data
+    enter through a numpyro factor named "data" equal to minus half the χ².
     """
     import numpyro
     import numpyro.distributions as dist

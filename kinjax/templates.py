@@ -301,7 +301,7 @@ def gaussian_smooth(flux, sigma_pix):
     -------
     ndarray, shape (..., n)
         ``out[i] = Σ_k w_ik flux[i + k]`` with ``w_ik ∝ exp(-k² / 2σ_i²)``,
-        |k| ≤ ceil(4 max σ), normalised to Σ_k w_ik = 1; edges are padded with
+        abs(k) ≤ ceil(4 max σ), normalised to Σ_k w_ik = 1; edges are padded with
         the end values.
     """
     flux = np.asarray(flux, dtype=np.float64)

@@ -10,7 +10,7 @@ with constants (α, β, γ)
 
     Δ = σ_K δ / α,  a = sqrt((σ_K² − γ Δ²)/β),  a₋ = a − Δ,  a₊ = a + Δ,
 
-valid for |δ| < δ_max = α / sqrt(β + γ). Positive δ makes the positive half
+valid for abs(δ) < δ_max = α / sqrt(β + γ). Positive δ makes the positive half
 wider: positive skew.
 
 Kernels (static ``kernel`` field):
@@ -23,7 +23,7 @@ Kernels (static ``kernel`` field):
   on the Laplace kernel, κ ∈ [−1, 1], both with the same (σ_K, δ) and thus the
   same mean and variance; κ spans negative to positive kurtosis. The mixture of
   kernels is kinjax's (and the seed prototype's) choice, not the paper's. It
-  needs |δ| < 0.5774 unless κ = −1 exactly (pure uniform).
+  needs abs(δ) < 0.5774 unless κ = −1 exactly (pure uniform).
 
 The paper's own code and text define only the uniform and Laplace kernels as far
 as kinjax could establish; no "cosine" kernel is offered.
@@ -62,7 +62,7 @@ def _delta_max_abg(abg):
 
 
 def delta_max(kernel="mixture"):
-    """Largest |δ| allowed by ``kernel``: 0.7746 (uniform), 0.5774 (laplace, mixture).
+    """Largest abs(δ) allowed by ``kernel``: 0.7746 (uniform), 0.5774 (laplace, mixture).
 
     The mixture with κ = −1 exactly is the uniform kernel and allows 0.7746; this
     function returns the bound valid for every κ.
@@ -149,7 +149,7 @@ class SandersEvans(LOSVD):
         Kernel width σ_K (dimensionless, > 0): the kernel's share of the variance
         is σ_K²/(1 + σ_K²); σ_K → 0 gives a Gaussian.
     delta : float
-        Skewness parameter δ, |δ| < δ_max (see :func:`delta_max`); δ > 0 gives
+        Skewness parameter δ, abs(δ) < δ_max (see :func:`delta_max`); δ > 0 gives
         positive skew.
     kappa : float, optional
         Kernel mixing weight κ ∈ [−1, 1] (−1 uniform … +1 Laplace) for
