@@ -4,7 +4,9 @@ Batches of 1, 100 and 1000 spectra, each with its own random Gauss-Hermite LOSVD
 (V, σ, h3, h4) and template weights, evaluated by ``jax.jit(jax.vmap(model))``; the
 gradient is ``jax.grad`` of a scalar χ² with respect to the four LOSVD parameters,
 vmapped over the batch. Templates: the 150 E-MILES SSPs prepared for NGC 4550
-(velscale_ratio 2), and their 20 leading principal components. float32 and float64.
+(velscale_ratio 2), and their 20 leading principal components; and, for a like-for-like
+comparison with the bare-JAX prototype (20 templates × 2048 pixels), 20 E-MILES principal
+components on a synthetic 2048-pixel log grid (60 km/s, velscale_ratio 1). float32 and float64.
 Compile time (first call) is reported separately from the steady-state time (median of
 several repeats).
 
@@ -31,7 +33,9 @@ from kinjax.datasets import ngc4550  # noqa: E402
 from kinjax.fit import setup_fit  # noqa: E402
 from kinjax.forward import make_forward_model  # noqa: E402
 from kinjax.losvd import GaussHermite  # noqa: E402
-from kinjax.templates import pca_templates  # noqa: E402
+from kinjax.constants import C_KMS  # noqa: E402
+from kinjax.spectrum import Spectrum  # noqa: E402
+from kinjax.templates import load_emiles, pca_templates, prepare_templates  # noqa: E402
 
 BATCHES = (1, 100, 1000)
 
@@ -75,6 +79,15 @@ def bench(fm, dtype, batch, rng):
     return out
 
 
+def prototype_grid(n_pix=2048, velscale=60.0):
+    """A grid the size of the bare-JAX prototype's: 2048 log pixels from 4000 Å at 60 km/s,
+    20 PCA components of E-MILES prepared at the same velscale (velscale_ratio 1)."""
+    wave = 4000.0 * np.exp(np.arange(n_pix) * velscale / C_KMS)
+    spec = Spectrum(wave, np.ones(n_pix), np.full(n_pix, 0.01), None, fwhm=2.8, velscale=velscale)
+    tpl = prepare_templates(load_emiles(), spec, velscale_ratio=1, vmax=2000.0)
+    return spec, pca_templates(tpl, 20)
+
+
 def main():
     t_start = time.perf_counter()
     rng = np.random.default_rng(1)
@@ -82,10 +95,13 @@ def main():
     full = setup.templates
     pca = pca_templates(full, 20)
     sets = {"E-MILES 150": full, "PCA 20": pca}
+    proto_spec, proto_tpl = prototype_grid()
     results = {"machine_start": machine(), "runs": []}
-    for set_name, tpl in sets.items():
+    cases = [(name, tpl, setup.spectrum) for name, tpl in sets.items()]
+    cases.append(("PCA 20, 2048-px grid", proto_tpl, proto_spec))
+    for set_name, tpl, spectrum in cases:
         for dtype in (np.float32, np.float64):
-            fm = make_forward_model(tpl, setup.spectrum, degree=4, dtype=dtype)
+            fm = make_forward_model(tpl, spectrum, degree=4, dtype=dtype)
             for batch in BATCHES:
                 r = bench(fm, dtype, batch, rng)
                 row = {"templates": set_name, "n_templates": fm.n_templates, "n_pix": fm.n_pix,
@@ -111,9 +127,12 @@ def markdown(results):
                      f"{f['compile_s']:.2f} / {g['compile_s']:.2f}", r["load_1"]])
     head = ["templates", "dtype", "batch", "forward spectra/s", "gradient spectra/s", "forward ms/batch",
             "gradient ms/batch", "compile s (fwd / grad)", "load"]
-    r0 = results["runs"][0]
-    note = (f"Grid: {r0['n_pix']} galaxy pixels, {r0['n_template_pix']} template pixels "
-            f"(velscale_ratio 2), FFT length {r0['n_fft']}. Machine: {machine_line(results['machine_start'])}; "
+    grids = {}
+    for r in results["runs"]:
+        grids.setdefault(r["templates"], f"{r['templates']}: {r['n_pix']} galaxy pixels, {r['n_template_pix']} "
+                                         f"template pixels, FFT length {r['n_fft']}")
+    note = (f"Grids: {'; '.join(grids.values())} (NGC 4550 at velscale_ratio 2; the 2048-px grid at "
+            f"velscale_ratio 1, 60 km/s, the size of the bare prototype's). Machine: {machine_line(results['machine_start'])}; "
             f"load at end {results['machine_end']['load_1_5_15']}; total {results['total_s']:.0f} s.")
     return table(head, rows) + "\n\n" + note
 
