@@ -614,7 +614,14 @@ def _joint_laplace(priors, cov_theta, theta, spec, data, n_nodes):
     jac = np.ones((n_fit, k))  # d theta / d field
     if "sigma" in spec.names:
         jac[:, spec.names.index("sigma")] = theta[:, spec.names.index("sigma")]
-    h = np.linalg.pinv(cov_theta, hermitian=True) * jac[:, :, None] * jac[:, None, :]
+    # a spaxel whose data covariance is not finite (a failed Laplace step) contributes
+    # no data precision; the GP prior alone then sets its posterior covariance
+    finite = np.all(np.isfinite(cov_theta), axis=(1, 2)) & np.all(np.isfinite(jac), axis=1)
+    jac = np.where(finite[:, None], jac, 1.0)
+    h = np.zeros_like(cov_theta)
+    if finite.any():
+        h[finite] = np.linalg.pinv(cov_theta[finite], hermitian=True)
+    h = h * jac[:, :, None] * jac[:, None, :]
     prec = np.zeros((k * n_nodes, k * n_nodes))
     for f, prior in enumerate(priors):
         q, eig = _eigen(prior)
