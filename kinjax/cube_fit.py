@@ -252,10 +252,12 @@ def grid_moments(pdf, velocity):
     ``pdf`` (..., n_v) on the uniform grid ``velocity`` (n_v,). Returns two (...,) arrays.
     """
     p = jnp.clip(pdf, 0.0, None)
-    p = p / jnp.sum(p, axis=-1, keepdims=True)
+    total = jnp.sum(p, axis=-1, keepdims=True)
+    p = p / jnp.where(total > 0, total, 1.0)
     mean = jnp.sum(p * velocity, axis=-1)
     var = jnp.sum(p * (velocity - mean[..., None]) ** 2, axis=-1)
-    return mean, jnp.sqrt(var)
+    ok = total[..., 0] > 0  # a LOSVD narrower than the grid, or entirely negative: undefined
+    return jnp.where(ok, mean, jnp.nan), jnp.where(ok, jnp.sqrt(var), jnp.nan)
 
 
 def losvd_summaries(spec, theta, cov, velocity, key, n_draws=N_DRAWS):
@@ -296,7 +298,7 @@ def _summaries(key, velocity, theta, cov, keys, n_draws):
         root = evecs * jnp.sqrt(jnp.clip(evals, 0.0, None))
         z = jax.random.normal(rng, (n_draws, k), dtype=th.dtype)
         draws = jnp.clip(th + z @ root.T, lower, upper)
-        spread = jnp.std(jax.vmap(moments)(draws), axis=0)
+        spread = jnp.nanstd(jax.vmap(moments)(draws), axis=0)  # ignore undefined draws
         return moments(th), spread, spec.build(th).pdf(velocity)
 
     return jax.vmap(one)(theta, cov, keys)
