@@ -259,8 +259,6 @@ def _fit_hyper(values, errors, xy, kind, ell0, amp_scale, n_steps=150):
 
     values, errors : (n,); xy : (n, 2). Returns (mean, amplitude, scale) scalars.
     """
-    import optax
-
     dtype = values.dtype
     eye = jnp.eye(values.size, dtype=dtype)
 

@@ -23,7 +23,6 @@ parameters.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 
 import equinox as eqx
 import jax.numpy as jnp

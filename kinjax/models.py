@@ -16,8 +16,6 @@ Priors (weakly informative, no galaxy-specific constants):
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpyro
