@@ -220,20 +220,18 @@ def spec_key(spec) -> tuple:
 
 @eqx.filter_jit
 def _fit_batch(forward, key, y, w):
-    """Start finder then LM solver for a batch (n, n_pix) of spectra."""
-    from kinjax.optimize import make_map_solver, make_start_finder
+    """MAP fits (two starts, see :func:`kinjax.optimize.make_fitter`) of a batch (n, n_pix) of spectra."""
+    from kinjax.optimize import make_fitter, map_spectra
 
-    spec = _SPECS[key]
-    theta0 = jax.vmap(make_start_finder(forward, spec))(y, w)
-    return jax.vmap(make_map_solver(forward, spec))(y, w, theta0)
+    return map_spectra(make_fitter(forward, _SPECS[key]), y, w)
 
 
 @eqx.filter_jit
 def laplace_batch(forward, key, y, w, theta):
     """Laplace covariance (n, n_theta, n_theta) and χ² (n,) at given ``theta`` (n, n_theta)."""
-    from kinjax.optimize import make_map_solver
+    from kinjax.optimize import make_map_solver, map_spectra
 
-    sol = jax.vmap(make_map_solver(forward, _SPECS[key], max_iter=0))(y, w, theta)
+    sol = map_spectra(make_map_solver(forward, _SPECS[key], max_iter=0), y, w, theta)
     return sol.cov, sol.chi2
 
 
@@ -393,15 +391,14 @@ def fit_cube_spaxels_nuts(cube, templates, *, losvd="gh", moments=4, degree=4, m
     """
     from kinjax.fit import nuts_inputs
     from kinjax.models import make_nuts_program
-    from kinjax.optimize import make_map_solver, make_start_finder
+    from kinjax.optimize import make_fitter
 
     cube, use, forward, spec = prepare_cube(
         cube, templates, snr_min=snr_min, velscale_ratio=velscale_ratio, vmax=vmax,
         degree=degree, mdegree=mdegree, losvd=losvd, moments=moments)
     dtype = forward.additive.dtype
     n, n_theta = cube.n_spaxels, spec.n_params + mdegree
-    start, solve = make_start_finder(forward, spec), make_map_solver(forward, spec)
-    map_fit = jax.jit(lambda y, w: solve(y, w, start(y, w)))
+    map_fit = make_fitter(forward, spec)
     run = make_nuts_program(spec, n_theta, num_warmup, num_samples, num_chains)
     theta = np.full((n, n_theta), np.nan)
     err = np.full((n, n_theta), np.nan)

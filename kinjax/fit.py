@@ -27,7 +27,7 @@ from kinjax.errors import KinjaxError
 from kinjax.family import LosvdSpec, losvd_spec
 from kinjax.forward import ForwardModel, make_forward_model
 from kinjax.losvd import velocity_grid
-from kinjax.optimize import make_map_solver, make_start_finder
+from kinjax.optimize import make_fitter, make_map_solver, make_start_finder
 from kinjax.result import FitResult
 from kinjax.templates import Templates, load_emiles, prepare_templates
 
@@ -58,6 +58,11 @@ class FitSetup:
     def solver(self):
         """The jitted MAP solver (built and compiled once per set-up)."""
         return make_map_solver(self.forward, self.spec, nonneg=self.nonneg)
+
+    @functools.cached_property
+    def fitter(self):
+        """The jitted two-start MAP fit (:func:`kinjax.optimize.make_fitter`)."""
+        return make_fitter(self.forward, self.spec, nonneg=self.nonneg)
 
     @functools.cached_property
     def start_finder(self):
@@ -231,7 +236,9 @@ def fit_spectrum(
         Mask the usual emission lines (±800 km/s, pPXF's list).
     method : {"map", "nuts"}
     start : (n_params,), optional
-        Starting LOSVD parameters; default from a velocity/σ grid scan.
+        Starting LOSVD parameters (one local optimisation from there). Default: two
+        optimisations, from a velocity/σ grid scan and from (V, σ) = (0, 150) km/s, the
+        better kept (:func:`kinjax.optimize.make_fitter`).
     num_warmup, num_samples, num_chains : int
         NUTS settings (chains run vectorised).
     n_draws : int
@@ -263,10 +270,10 @@ def fit_spectrum(
     solver = setup.solver
     t0 = time.perf_counter()
     if start is None:
-        theta0 = setup.start_finder(y, w)
+        sol = jax.block_until_ready(setup.fitter(y, w))
     else:
         theta0 = jnp.concatenate([jnp.asarray(start, y.dtype), jnp.zeros(fm.mdegree, y.dtype)])
-    sol = jax.block_until_ready(solver(y, w, theta0))
+        sol = jax.block_until_ready(solver(y, w, theta0))
     names = tuple(spec.names) + tuple(f"mult{i + 1}" for i in range(fm.mdegree))
     theta_map = np.asarray(sol.theta)
     n_good = int(setup.spectrum.n_good)

@@ -23,7 +23,7 @@ from kinjax.family import LosvdSpec
 from kinjax.forward import ForwardModel
 from kinjax.linear import lstsq, solve_linear
 
-__all__ = ["MapSolution", "make_map_solver", "make_start_finder", "MULT_BOUND"]
+__all__ = ["MapSolution", "make_map_solver", "make_start_finder", "make_fitter", "map_spectra", "MULT_BOUND"]
 
 #: Bound on the multiplicative Legendre coefficients.
 MULT_BOUND = 5.0
@@ -158,14 +158,16 @@ def make_map_solver(forward: ForwardModel, spec: LosvdSpec, *, nonneg: bool = Tr
 
 
 def make_start_finder(forward: ForwardModel, spec: LosvdSpec, *, vmax: float = 1200.0, dv: float = 40.0,
-                      sigmas=(40.0, 80.0, 150.0, 250.0, 400.0)):
+                      sigmas=(40.0, 80.0, 150.0, 250.0, 400.0), scan_sigma: float = 150.0):
     """Build a jitted function giving a robust starting ``theta`` for the LM solver.
 
-    Scans a velocity grid (±``vmax`` in steps of ``dv`` km/s) with a Gaussian LOSVD at
-    σ = 150 km/s applied to the mean template, then a set of σ at the best velocity;
-    each trial solves the linear continuum exactly. Returns ``start(y, weights) ->
-    theta0`` with the family's other parameters at their symmetric defaults and zero
-    multiplicative coefficients.
+    Scans a velocity grid (±``vmax`` in steps of ``dv`` km/s) with a Gaussian LOSVD of
+    dispersion ``scan_sigma`` applied to the mean template, then a set of σ at the best
+    velocity; each trial solves the linear continuum exactly, and trials that need a
+    negative template amplitude (anti-correlated with the data, which at low S/N can
+    fit noise better than the lines do) are discarded. Returns ``start(y,
+    weights) -> theta0`` with the family's other parameters at their symmetric defaults
+    and zero multiplicative coefficients.
     """
     from kinjax.losvd import Gaussian
 
@@ -182,10 +184,11 @@ def make_start_finder(forward: ForwardModel, spec: LosvdSpec, *, vmax: float = 1
         col = forward((Gaussian(v, s),) * n_comp, mean_w)
         a = jnp.concatenate([col[None], forward.additive]).T
         x = lstsq(a, y, w)
-        return jnp.sum(((a @ x - y) * w) ** 2)
+        # a negative template amplitude fits absorption lines with emission: not a start
+        return jnp.where(x[0] > 0, jnp.sum(((a @ x - y) * w) ** 2), jnp.inf)
 
     def start(y, w):
-        c_v = jax.vmap(lambda v: chi2(v, 150.0, y, w))(velocities)
+        c_v = jax.vmap(lambda v: chi2(v, scan_sigma, y, w))(velocities)
         v0 = jnp.asarray(velocities)[jnp.argmin(c_v)]
         c_s = jax.vmap(lambda s: chi2(v0, s, y, w))(sig)
         s0 = jnp.asarray(sig)[jnp.argmin(c_s)]
@@ -197,3 +200,55 @@ def make_start_finder(forward: ForwardModel, spec: LosvdSpec, *, vmax: float = 1
         return jnp.concatenate([theta, jnp.zeros(forward.mdegree, dtype=theta.dtype)])
 
     return jax.jit(start)
+
+
+def make_fitter(forward: ForwardModel, spec: LosvdSpec, *, nonneg: bool = True, max_iter: int = 100,
+                systemic: tuple = (0.0, 150.0)):
+    """Build the jitted MAP fit of one spectrum: two starts, the better optimum kept.
+
+    Levenberg–Marquardt runs from the velocity/σ scan of :func:`make_start_finder` and
+    from the systemic start ``systemic = (V, σ)`` in km/s (pPXF's usual start), and the
+    solution with the lower objective (χ² plus prior terms) is returned. The second
+    local optimisation roughly doubles the cost and matters where the χ² surface has
+    several minima: a double-peaked LOSVD (counter-rotating discs) has a local minimum
+    at each peak besides the blend, and at S/N ≲ 5 the scan with the mean template can
+    settle on a noise feature from which the solver cannot escape. On a 10 × 10
+    counter-rotating mock at central S/N 20 (corner spaxels at S/N 4.5) the scan start
+    alone gave an RMSE of 58 km/s in the mean velocity, both starts 18 km/s (pPXF,
+    started at V = 0: 18 km/s).
+
+    Returns
+    -------
+    fit(y, weights) -> MapSolution, jitted (vmap it, or use :func:`map_spectra`);
+    ``n_iter`` is the sum over both runs.
+    """
+    solve = make_map_solver(forward, spec, nonneg=nonneg, max_iter=max_iter)
+    start = make_start_finder(forward, spec)
+    k = spec.n_params
+    theta_sys = np.r_[spec.initial(*systemic), np.zeros(forward.mdegree)]
+
+    def objective(sol):
+        return sol.chi2 + jnp.sum(spec.prior_residuals(sol.theta[:k]) ** 2)
+
+    def fit(y, w):
+        a = solve(y, w, start(y, w))
+        b = solve(y, w, jnp.asarray(theta_sys, y.dtype))
+        take_b = (objective(b) < objective(a)) | ~jnp.isfinite(objective(a))
+        best = jax.tree_util.tree_map(lambda u, v: jnp.where(take_b, v, u), a, b)
+        return best._replace(n_iter=a.n_iter + b.n_iter)
+
+    return jax.jit(fit)
+
+
+def map_spectra(fn, *arrays):
+    """Apply ``fn`` to the rows of ``arrays``: sequentially on CPU, vectorised elsewhere.
+
+    The MAP fits contain ``while_loop`` s whose iteration counts differ between spectra.
+    Under ``vmap`` every spectrum runs until the slowest is done, which on a CPU made a
+    batch of 100 cube spaxels 8× slower per spectrum than one spectrum at a time
+    (290 vs 36 ms); ``lax.map`` keeps one compiled program and no wasted iterations.
+    On accelerators ``vmap`` wins (the lanes run in parallel). Use inside ``jit``.
+    """
+    if jax.default_backend() == "cpu":
+        return jax.lax.map(lambda row: fn(*row), arrays)
+    return jax.vmap(fn)(*arrays)
