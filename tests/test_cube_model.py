@@ -1,6 +1,5 @@
 """The 3D model: Kronecker GP algebra against tinygp, and the GP fit against spaxel-by-spaxel."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -89,3 +88,46 @@ def test_gp_map_beats_spaxel_fits(tmp_path):
     # same result type: the maps file works
     gp.write_maps(tmp_path / "MAPS.fits")
     assert (tmp_path / "MAPS.fits").exists()
+
+
+def test_gp_fit_survives_a_spaxel_without_errors():
+    """A spaxel whose starting Laplace covariance is not finite must not poison the hyperparameters."""
+    import dataclasses
+
+    from kinjax.cube_fit import fit_cube_spaxels
+    from kinjax.cube_model import fit_cube_gp
+
+    cube, truth, tpl = make_test_cube(shape=(4, 4))
+    spax = fit_cube_spaxels(cube, tpl, vmax=1000.0, progress=False)
+    cov = spax.cov.copy()
+    cov[5] = np.nan
+    gp = fit_cube_gp(cube, tpl, vmax=1000.0, init=dataclasses.replace(spax, cov=cov), progress=False)
+    for name, h in gp.info["hyper"].items():
+        assert all(np.isfinite(v) for v in h.values()), (name, h)
+    assert np.all(np.isfinite(gp.theta)) and np.all(np.isfinite(gp.mean_v_err))
+    assert np.sqrt(np.mean((gp.theta[:, 0] - truth[:, 0]) ** 2)) < 2 * np.sqrt(np.mean((spax.theta[:, 0] - truth[:, 0]) ** 2))
+
+
+def test_svi_agrees_with_map():
+    """SVI on the numpyro cube model (hyperparameters sampled too) lands where the MAP does."""
+    from kinjax.cube_fit import fit_cube_spaxels
+    from kinjax.cube_model import fit_cube_gp
+
+    cube, truth, tpl = make_test_cube(shape=(4, 4))
+    spax = fit_cube_spaxels(cube, tpl, vmax=1000.0, progress=False)
+    gp_map = fit_cube_gp(cube, tpl, vmax=1000.0, init=spax, progress=False)
+    gp_svi = fit_cube_gp(cube, tpl, vmax=1000.0, init=spax, progress=False, method="svi", num_steps=1500,
+                         learning_rate=0.02, seed=1)
+    assert gp_svi.method == "gp-svi" and np.all(np.isfinite(gp_svi.theta[:, :2]))
+    assert np.all(np.isfinite(gp_svi.theta_err[:, :2])) and np.all(gp_svi.theta_err[:, :2] > 0)
+    # same answer as the MAP within its errors, and better than the spaxel fits
+    pull = (gp_svi.theta[:, 0] - gp_map.theta[:, 0]) / gp_map.theta_err[:, 0]
+    assert np.median(np.abs(pull)) < 1.0, pull
+
+    def rmse(a):
+        return float(np.sqrt(np.mean((a - truth[:, 0]) ** 2)))
+
+    assert rmse(gp_svi.theta[:, 0]) < rmse(spax.theta[:, 0])
+    # posterior widths of the same order as the Laplace errors
+    ratio = np.median(gp_svi.theta_err[:, 0] / gp_map.theta_err[:, 0])
+    assert 0.3 < ratio < 3.0, ratio

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy.optimize import lsq_linear
 
-from kinjax.linear import marginal_loglike, nnls, normal_equations, solve_linear
+from kinjax.linear import marginal_loglike, normal_equations, solve_linear
 
 
 def _problem(n_pix=200, n_tpl=30, n_free=5, seed=0):
