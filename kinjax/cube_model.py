@@ -287,32 +287,40 @@ def _field_scales(spec):
 
 
 # ---------------------------------------------------------------------- hyperparameters
+def _hyper_loss(p, values, errors, xy, kind, ell0, amp_scale):
+    """−log of N(values | m, A²(K₀+jI) + diag(err²)) × hyperpriors at p = (m, ln A, ln ℓ)."""
+    m, log_a, log_l = p
+    a, ell = jnp.exp(log_a), jnp.exp(log_l)
+    eye = jnp.eye(values.size, dtype=values.dtype)
+    cov = a**2 * (_dense_kernel(kind, xy, ell) + JITTER * eye) + jnp.diag(errors**2)
+    lu = jax.scipy.linalg.lu_factor(cov)  # LU: float64 Cholesky is slow on XLA:CPU
+    r = values - m
+    quad = r @ jax.scipy.linalg.lu_solve(lu, r)
+    logdet = jnp.sum(jnp.log(jnp.abs(jnp.diagonal(lu[0]))))
+    nll = 0.5 * (quad + logdet)
+    # hyperpriors: ℓ ~ LogNormal(ln ℓ0, 1); A ~ HalfNormal(amp_scale) (+ log-Jacobian of ln A)
+    nlp = 0.5 * (log_l - jnp.log(ell0)) ** 2 + 0.5 * (a / amp_scale) ** 2 - log_a
+    return nll + nlp
+
+
 def _fit_hyper(values, errors, xy, kind, ell0, amp_scale, n_steps=150):
     """Empirical-Bayes (m, A, ℓ) of one field: maximise N(values | m, A²(K₀+jI) + diag(err²)) × hyperpriors.
 
-    values, errors : (n,); xy : (n, 2). Returns (mean, amplitude, scale) scalars.
+    values, errors : (n,); xy : (n, 2). Returns (mean, amplitude, scale) scalars and the
+    (2, 2) Laplace covariance of (ln A, ln ℓ) at the optimum.
     """
     dtype = values.dtype
-    eye = jnp.eye(values.size, dtype=dtype)
 
     def loss(p):
-        m, log_a, log_l = p
-        a, ell = jnp.exp(log_a), jnp.exp(log_l)
-        cov = a**2 * (_dense_kernel(kind, xy, ell) + JITTER * eye) + jnp.diag(errors**2)
-        lu = jax.scipy.linalg.lu_factor(cov)  # LU: float64 Cholesky is slow on XLA:CPU
-        r = values - m
-        quad = r @ jax.scipy.linalg.lu_solve(lu, r)
-        logdet = jnp.sum(jnp.log(jnp.abs(jnp.diagonal(lu[0]))))
-        nll = 0.5 * (quad + logdet)
-        # hyperpriors: ℓ ~ LogNormal(ln ℓ0, 1); A ~ HalfNormal(amp_scale) (+ log-Jacobian of ln A)
-        nlp = 0.5 * (log_l - jnp.log(ell0)) ** 2 + 0.5 * (a / amp_scale) ** 2 - log_a
-        return nll + nlp
+        return _hyper_loss(p, values, errors, xy, kind, ell0, amp_scale)
 
     med = jnp.median(values)
     spread = jnp.maximum(jnp.std(values), 0.1 * amp_scale)
     p0 = jnp.stack([med, jnp.log(spread), jnp.log(jnp.asarray(ell0, dtype))]).astype(dtype)
     p = _lbfgs_loop(loss, p0, n_steps)
-    return p[0], jnp.exp(p[1]), jnp.exp(p[2])
+    lam, vec = jnp.linalg.eigh(jax.hessian(loss)(p))
+    cov = (vec / jnp.clip(lam, 1e-6, None)) @ vec.T
+    return p[0], jnp.exp(p[1]), jnp.exp(p[2]), cov[1:, 1:]
 
 
 def _lbfgs_loop(loss, p0, max_steps, gtol=1e-6):
@@ -447,7 +455,7 @@ def cube_model(chi2_of_fields, xy, field_names, *, kind="matern32", amp_scales=N
 def fit_cube_gp(cube, templates, *, losvd="gh", moments=4, degree=4, mdegree=0, kernel="matern32",
                 method="map", init=None, num_steps=None, seed=0, progress=True, snr_min=None,
                 velscale_ratio=2, vmax=2000.0, dense_max=2500, joint_max=6000, guide="normal", learning_rate=0.01,
-                free_mean=True, hyper_max=600):
+                free_mean=True, hyper_max=600, hyper_draws=32, hyper_nodes_max=900):
     """Fit all spaxels at once with GP priors on the LOSVD parameter maps.
 
     Parameters
@@ -476,6 +484,12 @@ def fit_cube_gp(cube, templates, *, losvd="gh", moments=4, degree=4, mdegree=0, 
     hyper_max : int
         Largest number of spaxels (a random subset) used to fit the hyperparameters,
         whose marginal likelihood costs a dense O(n³) factorisation per step.
+    hyper_draws : int
+        MAP: draws of each field's (amplitude, length scale) from the Laplace
+        approximation of their marginal likelihood, used to widen the errors for the
+        hyperparameters' uncertainty (0: plug-in errors). Applied up to
+        ``hyper_nodes_max`` field nodes (dense work per draw).
+    hyper_nodes_max : int
     free_mean : bool
         MAP: optimise a common shift of every field with the maps (its mean set by the
         χ² of all spaxels jointly rather than taken from the spaxel-by-spaxel
@@ -545,7 +559,7 @@ def fit_cube_gp(cube, templates, *, losvd="gh", moments=4, degree=4, mdegree=0, 
     # one field after the other on CPU: XLA:CPU hung (all threads idle) on the vmapped
     # 400 x 400 LU inside the optimiser's while-loop (jax 0.10.2), and lax.map is as fast
     hyper = jax.jit(lambda v, e, a: map_spectra(lambda *r: _fit_hyper(*r[:2], xy_fit, kernel, ell0, r[2]), v, e, a))
-    means, amps, scales = hyper(f0[sub].T, err0[sub].T, amp_scales)
+    means, amps, scales, hyper_cov = hyper(f0[sub].T, err0[sub].T, amp_scales)
     t_hyper = time.perf_counter() - t0 - t_init
 
     # ---- step 2: Gaussian posterior per field (start point and preconditioner)
@@ -659,6 +673,18 @@ def fit_cube_gp(cube, templates, *, losvd="gh", moments=4, degree=4, mdegree=0, 
         sd[:, :k] = np.sqrt(post_var)
         cov_post = corr * sd[:, :, None] * sd[:, None, :]
 
+    # empirical Bayes plugs in the best (A, ℓ) of every field; their uncertainty widens the
+    # posterior. Law of total variance over draws of (ln A, ln ℓ) from their Laplace
+    # approximation, in the linear-Gaussian approximation of the spaxel estimates:
+    # (E[var] + Var[mean]) / var at the best values, per spaxel and field.
+    inflation = np.ones((fitted.size, k))
+    if method == "map" and hyper_draws and geo["dense"] and n_nodes <= hyper_nodes_max:
+        inflation = _hyper_inflation(geo, kernel, means, amps, scales, hyper_cov, f0, err0, data, dtype,
+                                     hyper_draws, seed)
+        f = np.sqrt(inflation)
+        cov_post[:, :k, :] *= f[:, :, None]
+        cov_post[:, :, :k] *= f[:, None, :]
+
     n = cube.n_spaxels
     theta = np.full((n, k + mdegree), np.nan)
     cov = np.full((n, k + mdegree, k + mdegree), np.nan)
@@ -672,11 +698,46 @@ def fit_cube_gp(cube, templates, *, losvd="gh", moments=4, degree=4, mdegree=0, 
                for j, nm in enumerate(names)},
         kernel=kernel, kronecker=geo["grid"] is not None, dense=geo["dense"], n_nodes=int(n_nodes),
         joint_laplace=bool(joint),
+        hyper_inflation={nm: float(np.median(np.sqrt(inflation[:, j]))) for j, nm in enumerate(names)},
         seconds=dict(init=t_init, hyper=t_hyper, optimise=t_opt, total=time.perf_counter() - t0),
         objective=history,
     )
     return finish_fit(cube, spec, forward, theta, cov, chi2, dof, use, seed=seed,
                       method=f"gp-{method}", info=info)
+
+
+def _hyper_inflation(geo, kernel, means, amps, scales, hyper_cov, f0, err0, data, dtype, n_draws, seed):
+    """(n_fit, k) variance ratios (E[var] + Var[mean]) / var over hyperparameter draws.
+
+    Each field's (ln A, ln ℓ) is drawn from ``N(best, hyper_cov)``; for every draw the
+    linear-Gaussian posterior of the field given the spaxel estimates ``f0`` (n_fit, k) with
+    errors ``err0`` is computed on the field nodes (mean fixed at its best value, whose
+    own uncertainty the joint Laplace step already includes).
+    """
+    rng = np.random.default_rng(seed + 12345)
+    n_fit, k = f0.shape
+    n_nodes = geo["nodes"].size
+    out = np.ones((n_fit, k))
+    for j in range(k):
+        lam = jnp.zeros(n_nodes, dtype).at[data].set(1.0 / err0[:, j] ** 2)
+        target = jnp.full(n_nodes, means[j], dtype).at[data].set(f0[:, j])
+
+        def posterior(log_a, log_l):
+            prior = _prior(geo, kernel, means[j], jnp.exp(log_a), jnp.exp(log_l), dtype)
+            c, var = _posterior(prior, lam, True)
+            return means[j] + c @ (c.T @ (lam * (target - means[j]))), var
+
+        best = np.array([np.log(float(amps[j])), np.log(float(scales[j]))])
+        cov = np.asarray(hyper_cov[j])
+        evals, evecs = np.linalg.eigh(0.5 * (cov + cov.T))
+        root = evecs * np.sqrt(np.clip(evals, 0.0, 4.0))  # at most a factor e^2 either way
+        draws = best + rng.standard_normal((n_draws, 2)) @ root.T
+        mu0, var0 = posterior(*best)
+        mus, variances = zip(*(posterior(a, l) for a, l in draws))
+        mus, variances = np.asarray(mus)[:, np.asarray(data)], np.asarray(variances)[:, np.asarray(data)]
+        total = variances.mean(0) + mus.var(0)
+        out[:, j] = np.clip(total / np.asarray(var0)[np.asarray(data)], 1.0, None)
+    return out
 
 
 def _joint_laplace(priors, cov_theta, theta, spec, data, n_nodes, mean_scales=None):

@@ -131,3 +131,18 @@ def test_svi_agrees_with_map():
     # posterior widths of the same order as the Laplace errors
     ratio = np.median(gp_svi.theta_err[:, 0] / gp_map.theta_err[:, 0])
     assert 0.3 < ratio < 3.0, ratio
+
+
+def test_hyperparameter_uncertainty_widens_errors_only():
+    """Integrating over (A, ℓ) draws widens the plug-in errors and leaves the maps unchanged."""
+    from kinjax.cube_fit import fit_cube_spaxels
+    from kinjax.cube_model import fit_cube_gp
+
+    cube, truth, tpl = make_test_cube(shape=(4, 4))
+    spax = fit_cube_spaxels(cube, tpl, vmax=1000.0, progress=False)
+    plug = fit_cube_gp(cube, tpl, vmax=1000.0, init=spax, progress=False, hyper_draws=0)
+    full = fit_cube_gp(cube, tpl, vmax=1000.0, init=spax, progress=False, hyper_draws=16)
+    np.testing.assert_allclose(full.theta, plug.theta, rtol=1e-12)
+    assert np.all(full.theta_err >= plug.theta_err * (1 - 1e-9))
+    assert all(v >= 1.0 for v in full.info["hyper_inflation"].values())
+    assert all(v == 1.0 for v in plug.info["hyper_inflation"].values())
