@@ -163,7 +163,7 @@ def test_citation_matches_the_package():
     assert citation["cff-version"] == "1.2.0"
     assert citation["title"] == project["name"] == "kinjax"
     assert str(citation["version"]) == project["version"]
-    assert citation["license"] == project["license"]["text"] == "MIT"
+    assert citation["license"] == project["license"] == "MIT"
     assert citation["authors"] == [{"name": "kinjax developers"}]
     for key in ("message", "abstract", "keywords", "repository-code"):
         assert citation.get(key), f"CITATION.cff lacks {key}"
