@@ -206,22 +206,26 @@ def main():
     print(markdown(out))
 
 
+def stats_cells(s):
+    """Table cells of one :func:`stats` result: N, bias, scatter, bias/scatter, coverage, target verdict."""
+    fmt = lambda i: "{:.1f}" if i < 2 else "{:.3f}"  # noqa: E731  (velocities, then h)
+    ratio = [abs(b) / sc for b, sc in zip(s["bias"], s["scatter"])]
+    cov_ok = all(0.63 <= c <= 0.73 for c in s["coverage"])
+    return [s["N"],
+            " / ".join(fmt(i).format(b) for i, b in enumerate(s["bias"])),
+            " / ".join(fmt(i).format(b) for i, b in enumerate(s["scatter"])),
+            " / ".join(f"{r:.2f}" for r in ratio),
+            " / ".join(f"{c:.2f}" for c in s["coverage"]),
+            "bias " + ("ok" if max(ratio) <= 0.2 else "no") + ", cov " + ("ok" if cov_ok else "no")]
+
+
 def markdown(out):
     parts = []
     for family, names in (("gh", GH_NAMES), ("se", SE_NAMES)):
         rows = []
         for cell in (c for c in out["cells"] if c["family"] == family):
             for m in (*KINJAX[family], *(lab for lab, _ in PPXF)):
-                s = cell[m]
-                fmt = lambda i: "{:.1f}" if i < 2 else "{:.3f}"  # noqa: E731
-                ratio = [abs(b) / sc for b, sc in zip(s["bias"], s["scatter"])]
-                cov_ok = all(0.63 <= c <= 0.73 for c in s["coverage"])
-                rows.append([cell["sn"], m, s["N"],
-                             " / ".join(fmt(i).format(b) for i, b in enumerate(s["bias"])),
-                             " / ".join(fmt(i).format(b) for i, b in enumerate(s["scatter"])),
-                             " / ".join(f"{r:.2f}" for r in ratio),
-                             " / ".join(f"{c:.2f}" for c in s["coverage"]),
-                             ("bias " + ("ok" if max(ratio) <= 0.2 else "no") + ", cov " + ("ok" if cov_ok else "no"))])
+                rows.append([cell["sn"], m, *stats_cells(cell[m])])
         what = " / ".join(names)
         title = ("Gauss-Hermite truths (kinjax fits GH, 4 moments)" if family == "gh" else
                  "Sanders-Evans truths (kinjax fits SE; pPXF's GH V, σ against the true mean and dispersion)")

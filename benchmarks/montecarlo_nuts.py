@@ -33,7 +33,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, machine_line, table, write  # noqa: E402
-from montecarlo import GH_NAMES, SNS, draw_truths, make_mocks, stats  # noqa: E402
+from montecarlo import GH_NAMES, SNS, draw_truths, make_mocks, stats, stats_cells  # noqa: E402
 
 from kinjax.datasets import ngc4550  # noqa: E402
 from kinjax.fit import nuts_inputs, setup_fit  # noqa: E402
@@ -107,15 +107,7 @@ def markdown(out):
     rows = []
     for c in out["cells"]:
         for label, s in (("NUTS posterior (median, 16-84 %)", c["posterior"]), ("MAP + Laplace, same mocks", c["laplace"])):
-            fmt = lambda i: "{:.1f}" if i < 2 else "{:.3f}"  # noqa: E731
-            ratio = [abs(b) / sc for b, sc in zip(s["bias"], s["scatter"])]
-            cov_ok = all(0.63 <= v <= 0.73 for v in s["coverage"])
-            rows.append([c["sn"], label, s["N"],
-                         " / ".join(fmt(i).format(b) for i, b in enumerate(s["bias"])),
-                         " / ".join(fmt(i).format(b) for i, b in enumerate(s["scatter"])),
-                         " / ".join(f"{r:.2f}" for r in ratio),
-                         " / ".join(f"{v:.2f}" for v in s["coverage"]),
-                         "bias " + ("ok" if max(ratio) <= 0.2 else "no") + ", cov " + ("ok" if cov_ok else "no")])
+            rows.append([c["sn"], label, *stats_cells(s)])
     what = " / ".join(GH_NAMES)
     t1 = table(["S/N", "estimate", "N", f"bias ({what})", f"scatter ({what})", "abs bias / scatter", "68 % coverage",
                 "targets"], rows)
