@@ -37,7 +37,7 @@ from montecarlo import GH_NAMES, SNS, draw_truths, make_mocks, stats, stats_cell
 
 from kinjax.datasets import ngc4550  # noqa: E402
 from kinjax.fit import nuts_inputs, setup_fit  # noqa: E402
-from kinjax.models import make_nuts_program  # noqa: E402
+from kinjax.models import make_nuts_program, whitened_to_theta  # noqa: E402
 
 NUM_WARMUP, NUM_SAMPLES, NUM_CHAINS = 300, 250, 4
 
@@ -73,7 +73,7 @@ def main():
             sol = setup.fitter(y, w)
             fm_sub, prior_scale, loc, chol = nuts_inputs(fm, spec, y, sol)
             z, d, _ = run(jax.random.PRNGKey(1000 * sn + i), fm_sub, y, w, prior_scale, loc, chol)
-            draws = np.asarray(loc) + np.einsum("ij,cnj->cni", np.asarray(chol), np.asarray(z))
+            draws = whitened_to_theta(z, spec, loc, chol)
             times.append(time.perf_counter() - t0)
             flat = draws.reshape(-1, draws.shape[-1])[:, :4]
             q = np.percentile(flat, [15.865, 50.0, 84.135], axis=0)

@@ -390,7 +390,7 @@ def fit_cube_spaxels_nuts(cube, templates, *, losvd="gh", moments=4, degree=4, m
     (n_spaxels,) are the diagnostics. Other parameters as :func:`fit_cube_spaxels`.
     """
     from kinjax.fit import nuts_inputs
-    from kinjax.models import make_nuts_program
+    from kinjax.models import make_nuts_program, whitened_to_theta
     from kinjax.optimize import make_fitter
 
     cube, use, forward, spec = prepare_cube(
@@ -413,7 +413,7 @@ def fit_cube_spaxels_nuts(cube, templates, *, losvd="gh", moments=4, degree=4, m
         sol = map_fit(y, w)
         fm_sub, prior_scale, loc, chol = nuts_inputs(forward, spec, y, sol)
         z, div, _ = run(keys[j], fm_sub, y, w, prior_scale, loc, chol)
-        draws = np.asarray(loc) + np.einsum("ij,cnj->cni", np.asarray(chol), np.asarray(z))
+        draws = whitened_to_theta(z, spec, loc, chol)
         flat = draws.reshape(-1, n_theta)
         lo, med, hi = np.percentile(flat, [15.865, 50.0, 84.135], axis=0)
         theta[i], err[i], cov[i] = med, 0.5 * (hi - lo), np.atleast_2d(np.cov(flat.T))

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -98,6 +99,53 @@ class LosvdSpec:
             return jnp.zeros(0, dtype=jnp.asarray(theta).dtype)
         diff = jnp.diff(theta) / self.smoothness
         return jnp.concatenate([diff, jnp.mean(theta)[None] / 10.0])
+
+    @property
+    def log_scale(self) -> np.ndarray:
+        """(n_params,) bool: parameters that are scales (σ; Sanders–Evans σ_K).
+
+        The samplers move these in log space (see :meth:`constrain`): the posterior of a
+        dispersion near or below the pixel size has a long tail towards zero that is
+        straight in ln σ and curved in σ.
+        """
+        mask = np.zeros(self.n_params, bool)
+        if self.family in ("gh", "se"):
+            mask[1] = True
+        if self.family == "se":
+            mask[2] = True
+        return mask
+
+    def _interval(self, dtype):
+        log = jnp.asarray(self.log_scale)
+        lo, hi = np.asarray(self.lower, float), np.asarray(self.upper, float)
+        a = np.where(self.log_scale, np.log(np.where(self.log_scale, lo, 1.0)), lo)
+        b = np.where(self.log_scale, np.log(np.where(self.log_scale, hi, 1.0)), hi)
+        return log, jnp.asarray(a, dtype), jnp.asarray(b, dtype)
+
+    def constrain(self, s):
+        """Map unconstrained coordinates ``s`` (..., n_params) into the bounds.
+
+        ``theta = lower + (upper - lower) * sigmoid(s)``, done on ln θ for the
+        :attr:`log_scale` parameters. Returns ``(theta, log_jac)`` with ``log_jac`` (...,)
+        the log absolute Jacobian determinant ``log |dθ/ds|``: adding it to a log density
+        in θ gives the density in ``s``, so a prior that is uniform in θ stays uniform in
+        θ. The density falls smoothly to zero at the bounds, so a sampler meets no walls.
+        """
+        s = jnp.asarray(s)
+        log, a, b = self._interval(s.dtype)
+        t = a + (b - a) * jax.nn.sigmoid(s)
+        theta = jnp.where(log, jnp.exp(t), t)
+        log_jac = jnp.log(b - a) + jax.nn.log_sigmoid(s) + jax.nn.log_sigmoid(-s) + jnp.where(log, t, 0.0)
+        return theta, jnp.sum(log_jac, axis=-1)
+
+    def unconstrain(self, theta, eps: float = 1e-6):
+        """Inverse of :meth:`constrain` (values on or beyond a bound are moved ``eps`` of
+        the interval inside it)."""
+        theta = jnp.asarray(theta)
+        log, a, b = self._interval(theta.dtype)
+        t = jnp.where(log, jnp.log(jnp.where(log, jnp.maximum(theta, 1e-300), 1.0)), theta)
+        p = jnp.clip((t - a) / (b - a), eps, 1.0 - eps)
+        return jnp.log(p) - jnp.log1p(-p)
 
 
 def losvd_spec(

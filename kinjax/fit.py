@@ -361,7 +361,9 @@ def nuts_inputs(fm: ForwardModel, spec: LosvdSpec, y, sol):
 
     Returns the forward model restricted to the MAP's template support (a fixed number
     of templates, :data:`NUTS_TEMPLATES`), the prior widths of the linear parameters,
-    and the whitening (MAP ``loc`` and a square root ``chol`` of its Laplace covariance).
+    and the whitening: the MAP ``loc`` in the sampler's unconstrained coordinates
+    (:meth:`~kinjax.family.LosvdSpec.constrain`) and a square root ``chol`` of its Laplace
+    covariance there; :func:`kinjax.models.whitened_to_theta` maps the draws back.
     """
     linear = np.asarray(sol.linear)
     n_t = fm.n_templates
@@ -385,10 +387,17 @@ def nuts_inputs(fm: ForwardModel, spec: LosvdSpec, y, sol):
     rms = np.maximum(np.sqrt(np.mean(design**2, axis=0)), 1e-30)
     scale = 10.0 * np.sqrt(np.mean(np.asarray(y) ** 2)) / rms
     scale[: used.size] *= used
-    cov = np.asarray(sol.cov)
+    # whitening in the sampler's unconstrained coordinates s (LosvdSpec.constrain): the
+    # MAP mapped to s, its Laplace covariance carried over by the Jacobian dθ/ds there
+    k = spec.n_params
+    theta = np.asarray(sol.theta, float)
+    loc = np.concatenate([np.asarray(spec.unconstrain(jnp.asarray(theta[:k]))), theta[k:]])
+    jac = np.concatenate([np.diag(np.asarray(jax.jacfwd(lambda s: spec.constrain(s)[0])(jnp.asarray(loc[:k])))),
+                          np.ones(theta.size - k)])
+    cov = np.asarray(sol.cov) / np.outer(jac, jac)
     evals, evecs = np.linalg.eigh(0.5 * (cov + cov.T))
     chol = evecs * np.sqrt(np.clip(evals, 1e-12 * evals.max(), None))
-    return fm_sub, jnp.asarray(scale), jnp.asarray(sol.theta), jnp.asarray(chol)
+    return fm_sub, jnp.asarray(scale), jnp.asarray(loc), jnp.asarray(chol)
 
 
 def _nuts_sampler(setup, num_warmup, num_samples, num_chains):
@@ -407,7 +416,7 @@ def _run_nuts(setup, sol, names, num_warmup, num_samples, num_chains, seed, prog
     """NUTS over the non-linear parameters; linear ones integrated out on the MAP support."""
     fm_sub, prior_scale, loc, chol = nuts_inputs(setup.forward, setup.spec, setup.y, sol)
     run = _nuts_sampler(setup, num_warmup, num_samples, num_chains)
-    from kinjax.models import PROGRESS
+    from kinjax.models import PROGRESS, whitened_to_theta
 
     bar = None
     if progress:
@@ -424,7 +433,7 @@ def _run_nuts(setup, sol, names, num_warmup, num_samples, num_chains, seed, prog
         if bar is not None:
             bar.update(bar.total - bar.n)
             bar.close()
-    samples = np.asarray(loc)[None, None] + np.einsum("ij,cnj->cni", np.asarray(chol), np.asarray(z))
+    samples = whitened_to_theta(z, setup.spec, loc, chol)
     diagnostics = _nuts_diagnostics(samples, names, np.asarray(diverging), np.asarray(num_steps))
     return samples, diagnostics
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import numpyro
 import numpyro.distributions as dist
 from numpyro.distributions import constraints
@@ -26,7 +27,8 @@ from kinjax.family import LosvdSpec
 from kinjax.forward import ForwardModel
 from kinjax.linear import marginal_loglike
 
-__all__ = ["spectrum_model", "spectrum_model_whitened", "log_posterior_whitened", "make_nuts_program"]
+__all__ = ["spectrum_model", "spectrum_model_whitened", "log_posterior_whitened", "whitened_to_theta",
+           "make_nuts_program"]
 
 
 def spectrum_model(forward: ForwardModel, spec: LosvdSpec, y, weights, prior_scale):
@@ -66,37 +68,41 @@ def spectrum_model(forward: ForwardModel, spec: LosvdSpec, y, weights, prior_sca
     numpyro.factor("loglike", marginal_loglike(design, y, weights, prior_scale))
 
 
-def spectrum_model_whitened(forward: ForwardModel, y, weights, prior_scale, loc, chol, *, spec: LosvdSpec):
-    """:func:`spectrum_model` with the non-linear parameters whitened by a Laplace fit.
+def _unconstrained_theta(s, spec: LosvdSpec):
+    """Parameters (LOSVD then multiplicative) and log Jacobian from the sampler's ``s``."""
+    k = spec.n_params
+    lv_theta, log_jac = spec.constrain(s[:k])
+    return jnp.concatenate([lv_theta, s[k:]]), log_jac
 
-    The sampler moves ``z`` (n_theta,) with ``theta = loc + chol @ z``, where ``loc`` and
-    ``chol @ chol.T`` are the MAP and its Laplace covariance, so the posterior it sees is
-    close to a unit Gaussian: warm-up is short and trajectories are short. The priors are
-    those of :func:`spectrum_model` (uniform within the bounds, a random walk for the
-    histogram, Normal(0, 1) on multiplicative coefficients); the change of variables is
-    linear, so no Jacobian term is needed.
+
+def spectrum_model_whitened(forward: ForwardModel, y, weights, prior_scale, loc, chol, *, spec: LosvdSpec):
+    """:func:`spectrum_model` in unconstrained coordinates whitened by a Laplace fit.
+
+    The LOSVD parameters are first mapped to unconstrained coordinates ``s`` with
+    :meth:`~kinjax.family.LosvdSpec.constrain` (a logistic map of each interval; of ln σ
+    for dispersions), so the posterior falls smoothly to zero at the bounds instead of
+    ending at a wall, which NUTS reports as a divergence. The sampler then moves ``z``
+    (n_theta,) with ``s = loc + chol @ z``, where ``loc`` and ``chol @ chol.T`` are the
+    MAP and its Laplace covariance in ``s`` (:func:`kinjax.fit.nuts_inputs`), so the
+    posterior it sees is close to a unit Gaussian: warm-up is short and trajectories are
+    short. The priors are those of :func:`spectrum_model` (uniform within the bounds, a
+    random walk for the histogram, Normal(0, 1) on multiplicative coefficients): the log
+    Jacobian of the map is added, so uniform in θ stays uniform in θ.
 
     The deterministic site ``theta`` holds the parameters (LOSVD then multiplicative).
     """
-    dtype = y.dtype
     n = loc.shape[0]
-    k = spec.n_params
     z = numpyro.sample("z", dist.ImproperUniform(constraints.real_vector, (), (n,)))
-    theta = numpyro.deterministic("theta", loc + chol @ z)
-    lv_theta = theta[:k]
-    numpyro.factor("losvd_prior", -0.5 * jnp.sum(spec.prior_residuals(lv_theta) ** 2))
-    if spec.family == "hist":
-        inside = jnp.all(jnp.abs(lv_theta) < jnp.asarray(spec.upper, dtype))
-    else:
-        inside = jnp.all((lv_theta > jnp.asarray(spec.lower, dtype)) & (lv_theta < jnp.asarray(spec.upper, dtype)))
-    numpyro.factor("bounds", jnp.where(inside, 0.0, -jnp.inf))
+    theta, log_jac = _unconstrained_theta(loc + chol @ z, spec)
+    theta = numpyro.deterministic("theta", theta)
+    k = spec.n_params
+    numpyro.factor("jacobian", log_jac)
+    numpyro.factor("losvd_prior", -0.5 * jnp.sum(spec.prior_residuals(theta[:k]) ** 2))
     mult = None
     if forward.mdegree:
         mult = theta[k:]
         numpyro.factor("mult_prior", -0.5 * jnp.sum(mult**2))
-    # outside the bounds the LOSVD may be invalid: evaluate it at a clipped point
-    safe = jnp.clip(lv_theta, jnp.asarray(spec.lower, dtype), jnp.asarray(spec.upper, dtype))
-    losvd = spec.build(jnp.where(inside, lv_theta, safe))
+    losvd = spec.build(theta[:k])
     numpyro.deterministic("mean_v", losvd.mean)
     numpyro.deterministic("dispersion", losvd.dispersion)
     design = forward.design_matrix(losvd, mult)
@@ -109,20 +115,23 @@ def log_posterior_whitened(z, forward: ForwardModel, y, weights, prior_scale, lo
     Equal to numpyro's log density of that model up to a constant; used by the compiled
     NUTS program so that one compilation serves every spectrum of the same shape.
     """
-    dtype = y.dtype
     k = spec.n_params
-    theta = loc + chol @ z
-    lv_theta = theta[:k]
-    lower, upper = jnp.asarray(spec.lower, dtype), jnp.asarray(spec.upper, dtype)
-    inside = jnp.all((lv_theta > lower) & (lv_theta < upper))
-    logp = -0.5 * jnp.sum(spec.prior_residuals(lv_theta) ** 2)
+    theta, log_jac = _unconstrained_theta(loc + chol @ z, spec)
+    logp = log_jac - 0.5 * jnp.sum(spec.prior_residuals(theta[:k]) ** 2)
     mult = None
     if forward.mdegree:
         mult = theta[k:]
         logp = logp - 0.5 * jnp.sum(mult**2)
-    losvd = spec.build(jnp.where(inside, lv_theta, jnp.clip(lv_theta, lower, upper)))
-    logp = logp + marginal_loglike(forward.design_matrix(losvd, mult), y, weights, prior_scale)
-    return jnp.where(inside, logp, -jnp.inf)
+    losvd = spec.build(theta[:k])
+    return logp + marginal_loglike(forward.design_matrix(losvd, mult), y, weights, prior_scale)
+
+
+def whitened_to_theta(z, spec: LosvdSpec, loc, chol) -> np.ndarray:
+    """Parameters (..., n_theta) from whitened draws ``z`` (..., n_theta) of the NUTS program."""
+    s = np.asarray(loc) + np.einsum("ij,...j->...i", np.asarray(chol), np.asarray(z))
+    k = spec.n_params
+    lv_theta, _ = spec.constrain(jnp.asarray(s[..., :k]))
+    return np.concatenate([np.asarray(lv_theta), s[..., k:]], axis=-1)
 
 
 #: The progress bar the compiled NUTS programs report to (set by the driver around a run).
@@ -147,7 +156,8 @@ def make_nuts_program(spec: LosvdSpec, n_theta: int, num_warmup: int, num_sample
     Returns
     -------
     run(key, forward, y, weights, prior_scale, loc, chol) -> (z, diverging, num_steps), with
-    z of shape (num_chains, num_samples, n_theta) (whitened; theta = loc + chol @ z).
+    z of shape (num_chains, num_samples, n_theta) (whitened; :func:`whitened_to_theta`
+    turns them into parameters).
     """
     from numpyro.infer.hmc import hmc
 
