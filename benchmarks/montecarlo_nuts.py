@@ -93,7 +93,10 @@ def main():
                 "rhat_max": float(np.max(rhat)), "divergences_total": int(np.sum(div)),
                 "mocks_with_divergences": int(np.sum(np.array(div) > 0)),
                 "seconds_median": float(np.median(times[1:] if len(times) > 1 else times)),
-                "first_s": float(times[0]), "load_1": round(os.getloadavg()[0], 2)}
+                "first_s": float(times[0]), "load_1": round(os.getloadavg()[0], 2),
+                # per mock, for diagnosing where intervals miss: truth, 16/50/84 %, divergences
+                "per_mock": {"truth": truths[:, :4].tolist(), "lo": lo.tolist(), "median": med.tolist(),
+                             "hi": hi.tolist(), "divergences": div}}
         out["cells"].append(cell)
         out["machine_end"] = machine()
         out["total_s"] = time.perf_counter() - t_start
