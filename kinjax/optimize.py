@@ -110,34 +110,47 @@ def make_map_solver(forward: ForwardModel, spec: LosvdSpec, *, nonneg: bool = Tr
         r = residuals(theta, x, y, w)
         return x, r, r @ r
 
+    # scale parameters (σ, σ_K) are iterated in ln: their χ² is far closer to quadratic
+    # there, and a step cannot cross zero (the Sanders–Evans σ_K spans three decades)
+    log_mask = np.r_[spec.log_scale, np.zeros(mdeg, bool)]
+    u_lower = np.where(log_mask, np.log(np.where(log_mask, lower, 1.0)), lower)
+    u_upper = np.where(log_mask, np.log(np.where(log_mask, upper, 1.0)), upper)
+
+    def to_theta(u):
+        return jnp.where(log_mask, jnp.exp(jnp.where(log_mask, u, 0.0)), u)
+
+    def to_u(theta):
+        return jnp.where(log_mask, jnp.log(jnp.where(log_mask, theta, 1.0)), theta)
+
     def solve(y, w, theta0):
-        theta0 = jnp.clip(theta0, lower, upper)
-        x0, r0, f0 = profile(theta0, y, w)
+        u0 = jnp.clip(to_u(jnp.clip(theta0, lower, upper)), u_lower, u_upper)
+        x0, r0, f0 = profile(to_theta(u0), y, w)
 
         def body(state):
-            theta, x, r, f, lam, it, _ = state
-            jac = jax.jacfwd(lambda th: residuals(th, x, y, w))(theta)
+            u, x, r, f, lam, it, _ = state
+            jac = jax.jacfwd(lambda uu: residuals(to_theta(uu), x, y, w))(u)
             g = jac.T @ r
             h = jac.T @ jac
             d = jnp.diag(h)
             step = jnp.linalg.solve(h + lam * jnp.diag(d + 1e-12 * jnp.max(d)), -g)
-            new = jnp.clip(theta + step, lower, upper)
-            x_new, r_new, f_new = profile(new, y, w, x > 0)
+            new = jnp.clip(u + step, u_lower, u_upper)
+            x_new, r_new, f_new = profile(to_theta(new), y, w, x > 0)
             ok = f_new < f
-            theta, x, r = (jnp.where(ok, a, b) for a, b in ((new, theta), (x_new, x), (r_new, r)))
+            u, x, r = (jnp.where(ok, a, b) for a, b in ((new, u), (x_new, x), (r_new, r)))
             # converged: a nearly Gauss-Newton step (small damping) that barely helps
             small = ok & (f - f_new <= xtol * f + ftol_abs) & (lam <= 1.0)
             f = jnp.where(ok, f_new, f)
             lam = jnp.where(ok, lam * 0.3, lam * 4.0)
             done = small | (lam > 1e8)
-            return theta, x, r, f, lam, it + 1, done
+            return u, x, r, f, lam, it + 1, done
 
         def cond(state):
             return (~state[-1]) & (state[-2] < max_iter)
 
         dtype = y.dtype
-        state = (theta0, x0, r0, f0, jnp.asarray(1e-3, dtype), 0, jnp.asarray(False))
-        theta, x, r, f, lam, it, _ = jax.lax.while_loop(cond, body, state)
+        state = (u0, x0, r0, f0, jnp.asarray(1e-3, dtype), 0, jnp.asarray(False))
+        u, x, r, f, lam, it, _ = jax.lax.while_loop(cond, body, state)
+        theta = to_theta(u)
         cov, n_active = _laplace(theta, x, y, w)
         chi2 = jnp.sum(((model(theta, x) - y) * w) ** 2)
         return MapSolution(theta, x, chi2, cov, it, n_active)
@@ -195,6 +208,8 @@ def make_start_finder(forward: ForwardModel, spec: LosvdSpec, *, vmax: float = 1
         if spec.family == "hist":
             c = np.asarray(spec.options["centres"], dtype=y.dtype)
             theta = -0.5 * ((c - v0) / s0) ** 2
+        elif spec.family == "gauss2":  # two halves either side of the best single Gaussian
+            theta = jnp.stack([v0 + 0.5 * s0, 0.7 * s0, v0 - 0.5 * s0, 0.7 * s0, jnp.asarray(0.5, s0.dtype)])
         else:
             theta = jnp.asarray(base).at[0].set(v0).at[1].set(s0)
         return jnp.concatenate([theta, jnp.zeros(forward.mdegree, dtype=theta.dtype)])

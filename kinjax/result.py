@@ -72,7 +72,12 @@ class FitResult:
         return np.percentile(self.samples.reshape(-1, len(self.names)), q, axis=0)
 
     def _moment_error(self, draws):
+        # a Gauss-Hermite draw with strong negative wings can have a negative second
+        # moment (dispersion NaN): such draws are left out of the spread
         d = np.asarray(draws).ravel()
+        d = d[np.isfinite(d)]
+        if d.size < 2:
+            return float("nan")
         if self.method == "map":
             return float(np.std(d))
         lo, hi = np.percentile(d, [15.865, 84.135])
@@ -86,7 +91,7 @@ class FitResult:
             out[name] = float(value)
             out[f"{name}_err"] = float(e)
         mean_v = self.mean_v_best if self.method == "map" else float(np.median(self.mean_v))
-        disp = self.dispersion_best if self.method == "map" else float(np.median(self.dispersion))
+        disp = self.dispersion_best if self.method == "map" else float(np.nanmedian(self.dispersion))
         out.update(
             mean_v=float(mean_v),
             mean_v_err=self._moment_error(self.mean_v),
