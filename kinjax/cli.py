@@ -282,7 +282,8 @@ def _build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--redshift", type=float, default=None, help="systemic redshift z (default 0)")
     fit.add_argument("--fwhm", type=float, default=None, help="instrumental FWHM in Å")
     fit.add_argument("--noise", type=float, default=None, help="constant 1σ noise per log-rebinned pixel")
-    fit.add_argument("--losvd", choices=["gh", "se", "hist"], default="gh", help="LOSVD family (default gh)")
+    fit.add_argument("--losvd", choices=["gh", "se", "hist", "gauss2"], default="gh",
+                     help="LOSVD family (default gh; gauss2: two Gaussians, e.g. counter-rotating discs)")
     fit.add_argument("--moments", type=int, default=4, help="Gauss–Hermite moments (default 4)")
     fit.add_argument("--degree", type=int, default=4, help="additive Legendre degree (default 4; -1 none)")
     fit.add_argument("--mdegree", type=int, default=0, help="multiplicative Legendre degree (default 0)")
@@ -306,7 +307,8 @@ def _build_parser() -> argparse.ArgumentParser:
     fc.add_argument("--redshift", type=float, default=0.0, help="systemic redshift z (default 0)")
     fc.add_argument("--fwhm", type=float, default=None,
                     help="instrumental FWHM in Å (may be omitted when the file carries it, e.g. MaNGA)")
-    fc.add_argument("--losvd", choices=["gh", "se", "hist"], default="gh", help="LOSVD family (default gh)")
+    fc.add_argument("--losvd", choices=["gh", "se", "hist", "gauss2"], default="gh",
+                    help="LOSVD family (default gh; gauss2: two Gaussians, e.g. counter-rotating discs)")
     fc.add_argument("--moments", type=int, default=4, help="Gauss–Hermite moments (default 4)")
     fc.add_argument("--degree", type=int, default=4, help="additive Legendre degree (default 4)")
     fc.add_argument("--mdegree", type=int, default=0, help="multiplicative Legendre degree (default 0)")

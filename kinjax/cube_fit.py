@@ -59,7 +59,7 @@ class CubeFit:
     cov : (n_spaxels, n_params, n_params)
         Laplace covariance of ``theta``.
     family : str
-        LOSVD family ("gh", "se", "hist").
+        LOSVD family ("gh", "se", "hist", "gauss2").
     method : str
         "spaxels", "gp-map" or "gp-svi".
     info : dict
@@ -329,7 +329,7 @@ def fit_cube_spaxels(cube, templates, *, losvd="gh", moments=4, degree=4, mdegre
         Gridded or binned cube; log-rebinned here if ``cube.velscale`` is None.
     templates : Templates
         Rest-frame library (prepared once on the cube's grid with ``prepare_templates``).
-    losvd, moments : LOSVD family ("gh", "se", "hist") and Gauss–Hermite moments.
+    losvd, moments : LOSVD family ("gh", "se", "hist", "gauss2") and Gauss–Hermite moments.
     degree, mdegree : additive / multiplicative Legendre degrees (pPXF's meaning).
     velscale_ratio : int
         Template pixels per galaxy pixel.
@@ -432,8 +432,63 @@ def fit_cube_spaxels_nuts(cube, templates, *, losvd="gh", moments=4, degree=4, m
     return dataclasses.replace(out, theta_err=np.where(use[:, None], err, np.nan))
 
 
+def align_labels(spec, theta, cov, x, y, use):
+    """Relabel exchangeable components so that their maps are continuous on the sky.
+
+    For the two-Gaussian family each spaxel's fit is equally good with the components
+    swapped (:meth:`~kinjax.family.LosvdSpec.label_swap`). Starting from the spaxel with
+    the best-measured velocities, the labels are grown outwards: each next spaxel (the
+    nearest to those already labelled) takes the labelling whose (V1, V2) is closer to
+    a plane fitted to its labelled neighbours within 2.5 spaxels. Returns new
+    ``(theta, cov)``; other families are returned unchanged.
+    """
+    swap = spec.label_swap()
+    idx = np.flatnonzero(use & np.all(np.isfinite(theta[:, : spec.n_params]), axis=1))
+    if swap is None or idx.size < 2:
+        return theta, cov
+    m, c = swap
+    k = spec.n_params
+    full_m = np.eye(theta.shape[1])
+    full_m[:k, :k] = m
+    full_c = np.r_[c, np.zeros(theta.shape[1] - k)]
+    theta, cov = theta.copy(), cov.copy()
+    xy = np.stack([x[idx], y[idx]], axis=1)
+    with np.errstate(invalid="ignore"):
+        err_v = np.sqrt(cov[idx, 0, 0] + cov[idx, 2, 2])
+    start = int(np.nanargmin(np.where(np.isfinite(err_v), err_v, np.inf)))
+    done = np.zeros(idx.size, bool)
+    done[start] = True
+    dist = np.linalg.norm(xy[:, None] - xy[None], axis=-1).astype(np.float32)  # (n, n)
+    step = float(np.median(np.partition(dist, 1, axis=1)[:, 1]))
+    d_done = dist[start].copy()  # distance of every spaxel to the nearest labelled one
+    for _ in range(idx.size - 1):
+        j = int(np.argmin(np.where(done, np.inf, d_done)))
+        near = done & (dist[j] <= max(2.5 * step, d_done[j] * 1.01))
+        v_near = theta[idx[near]][:, [0, 2]]
+        if near.sum() >= 2:
+            # planar extrapolation of (V1, V2) from the labelled neighbours: the velocities of
+            # counter-rotating discs pass through zero together on the minor axis, where
+            # continuity of the values alone cannot tell the labels apart
+            a = np.column_stack([np.ones(near.sum()), xy[near] - xy[j]])
+            v_ref = np.linalg.lstsq(a, v_near, rcond=None)[0][0]
+        else:
+            v_ref = np.median(v_near, axis=0)
+        v = theta[idx[j]][[0, 2]]
+        if np.abs(v[::-1] - v_ref).sum() < np.abs(v - v_ref).sum():
+            theta[idx[j]] = full_m @ theta[idx[j]] + full_c
+            cov[idx[j]] = full_m @ cov[idx[j]] @ full_m.T
+        done[j] = True
+        np.minimum(d_done, dist[j], out=d_done)
+    return theta, cov
+
+
 def finish_fit(cube, spec, forward, theta, cov, chi2, dof, use, *, seed=0, method="spaxels", info=None):
-    """Assemble a :class:`CubeFit` from per-spaxel parameters and covariances."""
+    """Assemble a :class:`CubeFit` from per-spaxel parameters and covariances.
+
+    Components with exchangeable labels (two Gaussians) are relabelled first so that
+    their maps are continuous (:func:`align_labels`).
+    """
+    theta, cov = align_labels(spec, np.asarray(theta, float), np.asarray(cov, float), cube.x, cube.y, use)
     n = cube.n_spaxels
     names = tuple(spec.names) + tuple(f"m{i + 1}" for i in range(theta.shape[1] - spec.n_params))
     velocity = _velocity_axis(forward, spec)

@@ -269,25 +269,44 @@ def _linear_support(forward, spec, mdegree):
 
 # ---------------------------------------------------------------------- fields ↔ θ
 def _field_names(spec):
-    return tuple("ln_sigma" if n == "sigma" else n for n in spec.names)
+    """Field names: ``ln_`` + name for scales (σ), ``logit_`` + name for fractions."""
+    return tuple(("ln_" if lg else "logit_" if fr else "") + n
+                 for n, lg, fr in zip(spec.names, spec.log_scale, spec.fraction))
 
 
 def _to_fields(spec, theta):
-    """Spec parameters (..., k) → field values (σ → ln σ)."""
-    i = list(spec.names).index("sigma") if "sigma" in spec.names else None
-    return theta if i is None else theta.at[..., i].set(jnp.log(theta[..., i]))
+    """Spec parameters (..., k) → field values (σ → ln σ, a fraction f → logit f)."""
+    theta = jnp.asarray(theta)
+    lg, fr = jnp.asarray(spec.log_scale), jnp.asarray(spec.fraction)
+    safe = jnp.where(lg, theta, 1.0)
+    p = jnp.clip(jnp.where(fr, theta, 0.5), 1e-6, 1 - 1e-6)
+    return jnp.where(lg, jnp.log(safe), jnp.where(fr, jnp.log(p) - jnp.log1p(-p), theta))
 
 
 def _from_fields(spec, f):
-    i = list(spec.names).index("sigma") if "sigma" in spec.names else None
-    return f if i is None else f.at[..., i].set(jnp.exp(f[..., i]))
+    f = jnp.asarray(f)
+    lg, fr = jnp.asarray(spec.log_scale), jnp.asarray(spec.fraction)
+    return jnp.where(lg, jnp.exp(jnp.where(lg, f, 0.0)), jnp.where(fr, jax.nn.sigmoid(f), f))
+
+
+def _field_jac(spec, theta):
+    """d θ / d field (..., k) at ``theta`` (NumPy): σ for ln σ, f (1 − f) for logit f, else 1."""
+    theta = np.asarray(theta)
+    return np.where(spec.log_scale, theta, np.where(spec.fraction, theta * (1 - theta), 1.0))
 
 
 def _field_scales(spec):
     """Prior scale of each field's amplitude (half-normal) in the field's units."""
     out = []
-    for name, lo, hi in zip(spec.names, spec.lower, spec.upper):
-        out.append({"v": 300.0, "sigma": 1.0}.get(name, 0.1 if name.startswith("h") else (hi - lo) / 4))
+    for name, lo, hi, lg, fr in zip(spec.names, spec.lower, spec.upper, spec.log_scale, spec.fraction):
+        if lg:
+            out.append(1.0)
+        elif fr:
+            out.append(2.0)
+        elif name.startswith("v"):
+            out.append(300.0)
+        else:
+            out.append(0.1 if name.startswith("h") else (hi - lo) / 4)
     return np.asarray(out)
 
 
@@ -540,10 +559,7 @@ def fit_cube_gp(cube, templates, *, losvd="gh", moments=4, degree=4, mdegree=0, 
     # ---- step 1: hyperparameters from the spaxel fits
     th0 = jnp.asarray(init.theta[fitted, :k], dtype)
     f0 = _to_fields(spec, th0)
-    var0 = np.diagonal(init.cov[fitted], axis1=1, axis2=2)[:, :k].copy()
-    if "sigma" in spec.names:
-        i = spec.names.index("sigma")
-        var0[:, i] /= init.theta[fitted, i] ** 2
+    var0 = np.diagonal(init.cov[fitted], axis1=1, axis2=2)[:, :k] / _field_jac(spec, init.theta[fitted, :k]) ** 2
     err0 = np.sqrt(np.clip(var0, 1e-30, None))
     # a spaxel whose start or Laplace error is not finite carries no information about a
     # field: give it the field's median and an error far larger than the field's range
@@ -648,11 +664,8 @@ def fit_cube_gp(cube, templates, *, losvd="gh", moments=4, degree=4, mdegree=0, 
     full = jnp.concatenate([theta_fit, mult], axis=1) if mdegree else theta_fit
     cov_data, chi2_fit = laplace_batch(forward, spec_key(spec), y, w, full)
     cov_data = np.asarray(cov_data)
-    var_d = np.diagonal(cov_data, axis1=1, axis2=2)[:, :k].copy()
     theta_np = np.asarray(full)
-    if "sigma" in spec.names:
-        i = spec.names.index("sigma")
-        var_d[:, i] /= theta_np[:, i] ** 2
+    var_d = np.diagonal(cov_data, axis1=1, axis2=2)[:, :k] / _field_jac(spec, theta_np[:, :k]) ** 2
     err_d = jnp.asarray(np.sqrt(np.clip(var_d, 1e-30, None)), dtype)
     # per-spaxel covariance: posterior variances with the data's correlations (fallback)
     sd_data = np.sqrt(np.clip(np.diagonal(cov_data, axis1=1, axis2=2), 1e-300, None))
@@ -672,8 +685,7 @@ def fit_cube_gp(cube, templates, *, losvd="gh", moments=4, degree=4, mdegree=0, 
             post_var = np.asarray(post_var)[np.asarray(data)]
         else:
             post_var = np.asarray(extra["var"])[np.asarray(data)]
-        if "sigma" in spec.names:
-            post_var[:, i] *= theta_np[:, i] ** 2
+        post_var = post_var * _field_jac(spec, theta_np[:, :k]) ** 2
         sd = sd_data.copy()
         sd[:, :k] = np.sqrt(post_var)
         cov_post = corr * sd[:, :, None] * sd[:, None, :]
@@ -754,9 +766,7 @@ def _joint_laplace(priors, cov_theta, theta, spec, data, n_nodes, mean_scales=No
     deviation (marginalised: the prior covariance becomes K + s² 11ᵀ, by Woodbury).
     """
     n_fit, k, _ = cov_theta.shape
-    jac = np.ones((n_fit, k))  # d theta / d field
-    if "sigma" in spec.names:
-        jac[:, spec.names.index("sigma")] = theta[:, spec.names.index("sigma")]
+    jac = _field_jac(spec, theta[:, :k])  # d theta / d field
     # a spaxel whose data covariance is not finite (a failed Laplace step) contributes
     # no data precision; the GP prior alone then sets its posterior covariance
     finite = np.all(np.isfinite(cov_theta), axis=(1, 2)) & np.all(np.isfinite(jac), axis=1)

@@ -11,7 +11,19 @@ Gauss–Hermite  V ∈ [−2000, 2000] km/s, σ ∈ [5, 1000] km/s, h_m ∈ [−
                and a Normal(0, ``h_prior`` = 0.1) prior on each h_m
 Sanders–Evans  V, σ as above, σ_K ∈ [0.01, 10], δ ∈ (−δ_max, δ_max), κ ∈ [−1, 1]
 Histogram      logits ∈ [−30, 30] on a uniform grid of bins of width ``dv``
+Two Gaussians  V1, V2 ∈ [−2000, 2000] km/s, σ1, σ2 ∈ [5, 1000] km/s, the first
+               component's light fraction f1 ∈ [0, 1]; weak priors
+               V_i ~ Normal(0, 1000 km/s), ln σ_i ~ Normal(ln 100, 0.7),
+               f1 ~ Normal(0.5, 0.5)
 =============  ==========================================================
+
+The two-Gaussian family (``"gauss2"``) is a LOSVD made of two Gaussians of the same
+stellar population: the double-peaked LOSVDs of counter-rotating discs, which the
+four-moment Gauss–Hermite series cannot represent. Its weak priors keep a component
+whose light fraction goes to zero from wandering off (the posterior stays proper and
+the Laplace covariance finite); the labels are exchangeable (swapping the components
+and f1 ↔ 1 − f1 gives the same LOSVD), so read its mean velocity and dispersion (which
+do not depend on the labelling) rather than V1 or V2 alone.
 
 Why a prior on h_m: with flat priors the posterior of (σ, h4) has a long tail towards
 small σ and large h4 (the two trade off in the line wings), which NUTS explores to the
@@ -30,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kinjax.errors import KinjaxError
-from kinjax.losvd import GaussHermite, Histogram, SandersEvans, velocity_grid
+from kinjax.losvd import Gaussian, GaussHermite, Histogram, Mixture, SandersEvans, velocity_grid
 
 __all__ = ["LosvdSpec", "losvd_spec"]
 
@@ -73,6 +85,9 @@ class LosvdSpec:
             return GaussHermite.from_vector(theta)
         if self.family == "se":
             return SandersEvans.from_vector(theta, kernel=self.options["kernel"])
+        if self.family == "gauss2":
+            f = theta[4]
+            return Mixture((Gaussian(theta[0], theta[1]), Gaussian(theta[2], theta[3])), jnp.stack([f, 1.0 - f]))
         return Histogram.from_logits(jnp.asarray(self.options["centres"]), theta)
 
     def initial(self, v0=0.0, sigma0=150.0) -> np.ndarray:
@@ -82,6 +97,8 @@ class LosvdSpec:
             return -0.5 * ((c - v0) / sigma0) ** 2
         theta = np.zeros(self.n_params)
         theta[0], theta[1] = v0, sigma0
+        if self.family == "gauss2":  # two equal halves either side of v0
+            theta[:] = v0 + 0.5 * sigma0, 0.7 * sigma0, v0 - 0.5 * sigma0, 0.7 * sigma0, 0.5
         if self.family == "se":
             theta[2] = 0.5  # sigma_k
         return np.clip(theta, self.lower, self.upper)
@@ -95,6 +112,10 @@ class LosvdSpec:
         """
         if self.family == "gh" and self.h_prior is not None:
             return jnp.asarray(theta)[2:] / self.h_prior
+        if self.family == "gauss2":
+            theta = jnp.asarray(theta)
+            return jnp.stack([theta[0] / 1000.0, theta[2] / 1000.0, (jnp.log(theta[1]) - np.log(100.0)) / 0.7,
+                              (jnp.log(theta[3]) - np.log(100.0)) / 0.7, (theta[4] - 0.5) / 0.5])
         if self.family != "hist":
             return jnp.zeros(0, dtype=jnp.asarray(theta).dtype)
         diff = jnp.diff(theta) / self.smoothness
@@ -109,10 +130,33 @@ class LosvdSpec:
         straight in ln σ and curved in σ.
         """
         mask = np.zeros(self.n_params, bool)
-        if self.family in ("gh", "se"):
+        if self.family in ("gh", "se", "gauss2"):
             mask[1] = True
-        if self.family == "se":
-            mask[2] = True
+        if self.family in ("se", "gauss2"):
+            mask[2 if self.family == "se" else 3] = True
+        return mask
+
+    def label_swap(self) -> np.ndarray | None:
+        """The linear map ``theta -> M @ theta + c`` that relabels the components.
+
+        Two-Gaussian family only: returns ``(M, c)`` swapping (V1, σ1) with (V2, σ2) and
+        f1 with 1 − f1 (the same LOSVD); None for families without exchangeable labels.
+        """
+        if self.family != "gauss2":
+            return None
+        m = np.zeros((5, 5))
+        m[0, 2] = m[1, 3] = m[2, 0] = m[3, 1] = 1.0
+        m[4, 4] = -1.0
+        c = np.zeros(5)
+        c[4] = 1.0
+        return m, c
+
+    @property
+    def fraction(self) -> np.ndarray:
+        """(n_params,) bool: parameters that are fractions in [0, 1] (two-Gaussian f1)."""
+        mask = np.zeros(self.n_params, bool)
+        if self.family == "gauss2":
+            mask[4] = True
         return mask
 
     def _interval(self, dtype):
@@ -134,7 +178,7 @@ class LosvdSpec:
         s = jnp.asarray(s)
         log, a, b = self._interval(s.dtype)
         t = a + (b - a) * jax.nn.sigmoid(s)
-        theta = jnp.where(log, jnp.exp(t), t)
+        theta = jnp.where(log, jnp.exp(jnp.where(log, t, 0.0)), t)  # no exp(V): inf * 0 = NaN in the gradient
         log_jac = jnp.log(b - a) + jax.nn.log_sigmoid(s) + jax.nn.log_sigmoid(-s) + jnp.where(log, t, 0.0)
         return theta, jnp.sum(log_jac, axis=-1)
 
@@ -163,8 +207,9 @@ def losvd_spec(
 
     Parameters
     ----------
-    family : {"gh", "se", "hist"}
-        Gauss–Hermite, Sanders & Evans (2020), or a non-parametric histogram.
+    family : {"gh", "se", "hist", "gauss2"}
+        Gauss–Hermite, Sanders & Evans (2020), a non-parametric histogram, or two
+        Gaussians (counter-rotating components of one population).
     moments : int
         Gauss–Hermite: pPXF's ``moments`` (2 = Gaussian, 4 = up to h4, ...).
     kernel : {"mixture", "uniform", "laplace"}
@@ -189,6 +234,12 @@ def losvd_spec(
         lower[3] *= 0.999
         upper[3] *= 0.999
         return LosvdSpec("se", names, lower, upper, {"kernel": kernel})
+    if family == "gauss2":
+        names = ("v1", "sigma1", "v2", "sigma2", "f1")
+        (v_lo, s_lo), (v_hi, s_hi) = GaussHermite.default_bounds(2)
+        lower = np.array([v_lo, s_lo, v_lo, s_lo, 0.0])
+        upper = np.array([v_hi, s_hi, v_hi, s_hi, 1.0])
+        return LosvdSpec("gauss2", names, lower, upper, {})
     if family == "hist":
         step = dv if dv is not None else velscale
         if step is None:
@@ -197,4 +248,4 @@ def losvd_spec(
         names = tuple(f"logit{i}" for i in range(centres.size))
         lower, upper = np.full(centres.size, -30.0), np.full(centres.size, 30.0)
         return LosvdSpec("hist", names, lower, upper, {"centres": centres}, smoothness)
-    raise KinjaxError(f"unknown LOSVD family {family!r}: use 'gh', 'se' or 'hist'")
+    raise KinjaxError(f"unknown LOSVD family {family!r}: use 'gh', 'se', 'hist' or 'gauss2'")

@@ -220,7 +220,7 @@ def fit_spectrum(
         (V = c ln(1 + z)).
     templates : Templates, optional
         Raw (linear) or already prepared templates; default: the 150 E-MILES SSPs.
-    losvd : {"gh", "se", "hist"}
+    losvd : {"gh", "se", "hist", "gauss2"}
         LOSVD family; ``moments`` (GH), ``kernel`` (SE), ``hist_vmax``/``hist_dv``
         (histogram, km/s) set it up; ``h_prior`` is the Normal prior scale of each
         Gauss–Hermite h_m (None: flat, like pPXF with ``bias=0``).
@@ -296,7 +296,13 @@ def fit_spectrum(
         chi2 = float(_chi2(fm, spec, y, w, jnp.asarray(best), jnp.asarray(linear)))
     seconds = time.perf_counter() - t0
 
-    velocity = _velocity_axis(setup, float(best[0]) if spec.family != "hist" else 0.0)
+    if spec.family == "hist":
+        centre = 0.0
+    elif spec.family == "gauss2":  # the blend's mean, between the two peaks
+        centre = float(spec.build(jnp.asarray(best[:k])).mean)
+    else:
+        centre = float(best[0])
+    velocity = _velocity_axis(setup, centre)
     flat = samples.reshape(-1, len(names))[:, :k]
     med, lo, hi, mean_v, disp = losvd_band(spec, flat, velocity, setup.band)
     best_losvd = spec.build(jnp.asarray(best[:k]))
@@ -391,7 +397,9 @@ def nuts_inputs(fm: ForwardModel, spec: LosvdSpec, y, sol):
     # MAP mapped to s, its Laplace covariance carried over by the Jacobian dθ/ds there
     k = spec.n_params
     theta = np.asarray(sol.theta, float)
-    loc = np.concatenate([np.asarray(spec.unconstrain(jnp.asarray(theta[:k]))), theta[k:]])
+    # (a MAP on a bound, e.g. σ = 5 km/s for an unresolved line, would sit at s = ±14 where
+    # the map is flat and the whitening degenerate: start 2 % of the interval inside)
+    loc = np.concatenate([np.asarray(spec.unconstrain(jnp.asarray(theta[:k]), eps=0.02)), theta[k:]])
     jac = np.concatenate([np.diag(np.asarray(jax.jacfwd(lambda s: spec.constrain(s)[0])(jnp.asarray(loc[:k])))),
                           np.ones(theta.size - k)])
     cov = np.asarray(sol.cov) / np.outer(jac, jac)

@@ -177,3 +177,35 @@ def test_no_partial_maps_file_on_error(cube_and_fit, tmp_path, monkeypatch):
     with pytest.raises(OSError):
         fit.write_maps(tmp_path / "MAPS.fits")
     assert os.listdir(tmp_path) == []
+
+
+def test_align_labels_makes_two_component_maps_continuous():
+    """Spaxel fits of two Gaussians come with random labels; relabelling restores the discs."""
+    from kinjax.cube_fit import align_labels
+    from kinjax.family import losvd_spec
+
+    spec = losvd_spec("gauss2")
+    yy, xx = np.mgrid[0:9, 0:9].astype(float)
+    x, y = (xx - 4).ravel(), (yy - 4).ravel()
+    rot = 150 * np.tanh(x / 1.5)
+    f1 = np.clip(0.5 + 0.05 * x, 0.1, 0.9)
+    truth = np.stack([rot, np.full_like(x, 60.0), -rot, np.full_like(x, 50.0), f1], axis=1)
+    cov = np.tile(np.diag([25.0, 36.0, 25.0, 36.0, 0.01]), (x.size, 1, 1))
+    m, c = spec.label_swap()
+    rng = np.random.default_rng(1)
+    flip = rng.random(x.size) < 0.5
+    theta = np.where(flip[:, None], truth @ m.T + c, truth)
+    cov_in = np.where(flip[:, None, None], m @ cov @ m.T, cov)
+    use = np.ones(x.size, bool)
+    out, cov_out = align_labels(spec, theta, cov_in, x, y, use)
+    # one global labelling: equal to the truth, or to the truth with the labels swapped
+    same = np.abs(out - truth).max(axis=1) < 1e-9
+    swapped = np.abs(out - (truth @ m.T + c)).max(axis=1) < 1e-9
+    off_centre = np.abs(rot) > 20  # at the centre both labellings are equally good
+    assert np.all(same[off_centre]) or np.all(swapped[off_centre]), (same, swapped)
+    assert np.all(same | swapped)
+    np.testing.assert_allclose(np.diagonal(cov_out, axis1=1, axis2=2)[:, [0, 2]], 25.0)
+    # the swap is an involution that leaves the LOSVD unchanged
+    lv_a, lv_b = spec.build(jnp.asarray(truth[3])), spec.build(jnp.asarray(m @ truth[3] + c))
+    v = np.linspace(-600, 600, 301)
+    np.testing.assert_allclose(lv_a.pdf(v), lv_b.pdf(v), rtol=1e-12, atol=1e-15)
