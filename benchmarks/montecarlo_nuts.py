@@ -96,7 +96,8 @@ def main():
                 "first_s": float(times[0]), "load_1": round(os.getloadavg()[0], 2),
                 # per mock, for diagnosing where intervals miss: truth, 16/50/84 %, divergences
                 "per_mock": {"truth": truths[:, :4].tolist(), "lo": lo.tolist(), "median": med.tolist(),
-                             "hi": hi.tolist(), "divergences": div}}
+                             "hi": hi.tolist(), "divergences": div, "min_ess": ess, "max_rhat": rhat,
+                             "seconds": times}}
         out["cells"].append(cell)
         out["machine_end"] = machine()
         out["total_s"] = time.perf_counter() - t_start
