@@ -110,9 +110,11 @@ def make_map_solver(forward: ForwardModel, spec: LosvdSpec, *, nonneg: bool = Tr
         r = residuals(theta, x, y, w)
         return x, r, r @ r
 
-    # scale parameters (σ, σ_K) are iterated in ln: their χ² is far closer to quadratic
-    # there, and a step cannot cross zero (the Sanders–Evans σ_K spans three decades)
-    log_mask = np.r_[spec.log_scale, np.zeros(mdeg, bool)]
+    # the scale parameters of the Sanders-Evans and two-Gaussian families (σ, σ_K, σ_i) are
+    # iterated in ln: the SE σ_K spans three decades, and in ln its χ² is closer to
+    # quadratic (SE fits 0.82 -> 0.60 s median in the Monte Carlo benchmark). The
+    # Gauss-Hermite σ stays linear: in ln the NGC 4550 fit took 53 iterations, not 41.
+    log_mask = np.r_[spec.log_scale & (spec.family != "gh"), np.zeros(mdeg, bool)]
     u_lower = np.where(log_mask, np.log(np.where(log_mask, lower, 1.0)), lower)
     u_upper = np.where(log_mask, np.log(np.where(log_mask, upper, 1.0)), upper)
 
