@@ -12,6 +12,9 @@ coverage of the central 68 % credible intervals (16th-84th percentiles), and for
 comparison the coverage of the MAP's Laplace intervals on the same mocks; plus the median
 min-ESS, max R-hat, divergences and time per spectrum.
 
+``--prior-truths`` (with ``n``, e.g. 40) instead adds one S/N-30 cell whose h3, h4 are drawn
+from the fit's own Normal(0, 0.1) prior, a check of calibration against the prior.
+
 Run: ``python benchmarks/montecarlo_nuts.py [n_per_sn] [--with-sn10]`` (default 50 per S/N at
 S/N 30 and 100: 100 posteriors, about 10 min on 2 cores; S/N 10 is skipped unless asked: its
 50 posteriors had not finished after 9 minutes).
@@ -42,11 +45,83 @@ from kinjax.models import make_nuts_program, whitened_to_theta  # noqa: E402
 NUM_WARMUP, NUM_SAMPLES, NUM_CHAINS = 300, 250, 4
 
 
-def main():
+def fit_cell(setup, run, ys, w, truths, sn, key_base):
+    """NUTS posteriors (and the MAP's Laplace intervals) for one set of mocks; a result cell."""
     import arviz as az
 
+    fm, spec = setup.forward, setup.spec
+    n = len(ys)
+    med, lo, hi, laplace, ess, rhat, div, times = [], [], [], [], [], [], [], []
+    for i, y in enumerate(ys):
+        y = jnp.asarray(y)
+        t0 = time.perf_counter()
+        sol = setup.fitter(y, w)
+        fm_sub, prior_scale, loc, chol = nuts_inputs(fm, spec, y, sol)
+        z, d, _ = run(jax.random.PRNGKey(key_base + i), fm_sub, y, w, prior_scale, loc, chol)
+        draws = whitened_to_theta(z, spec, loc, chol)
+        times.append(time.perf_counter() - t0)
+        flat = draws.reshape(-1, draws.shape[-1])[:, :4]
+        q = np.percentile(flat, [15.865, 50.0, 84.135], axis=0)
+        lo.append(q[0]), med.append(q[1]), hi.append(q[2])
+        laplace.append([np.asarray(sol.theta)[:4], np.sqrt(np.diag(np.asarray(sol.cov)))[:4]])
+        ds = az.convert_to_dataset({nm: draws[..., j] for j, nm in enumerate(GH_NAMES)})
+        ess.append(min(float(az.ess(ds)[nm]) for nm in GH_NAMES))
+        rhat.append(max(float(az.rhat(ds)[nm]) for nm in GH_NAMES))
+        div.append(int(np.asarray(d).sum()))
+    med, lo, hi = np.array(med), np.array(lo), np.array(hi)
+    inside = (truths[:, :4] >= lo) & (truths[:, :4] <= hi)
+    post = stats(med, 0.5 * (hi - lo), truths[:, :4])
+    post["coverage"] = inside.mean(0).tolist()  # the actual 16-84 % interval, not median ± half-width
+    lap_theta, lap_err = np.array([a for a, _ in laplace]), np.array([b for _, b in laplace])
+    cell = {"sn": sn, "N": n, "posterior": post, "laplace": stats(lap_theta, lap_err, truths[:, :4]),
+            "min_ess_median": float(np.median(ess)), "min_ess_min": float(np.min(ess)),
+            "rhat_max": float(np.max(rhat)), "divergences_total": int(np.sum(div)),
+            "mocks_with_divergences": int(np.sum(np.array(div) > 0)),
+            "seconds_median": float(np.median(times[1:] if len(times) > 1 else times)),
+            "first_s": float(times[0]), "load_1": round(os.getloadavg()[0], 2),
+            # per mock, for diagnosing where intervals miss: truth, 16/50/84 %, divergences
+            "per_mock": {"truth": truths[:, :4].tolist(), "lo": lo.tolist(), "median": med.tolist(),
+                         "hi": hi.tolist(), "divergences": div, "min_ess": ess, "max_rhat": rhat,
+                         "seconds": times}}
+    return cell
+
+
+def prior_truths(n, sn=30):
+    """Calibration against the prior: h3, h4 drawn from the fit's own Normal(0, 0.1) prior.
+
+    A posterior is calibrated *on average over its prior*: if the truths are drawn from
+    it, the 68 % intervals must cover 68 % of them. The issue's mocks draw h3, h4 from
+    U(-0.1, 0.1) instead. Same V and σ distributions, new seed; result added to the
+    recorded JSON as ``prior_truths`` (the other cells are kept).
+    """
+    import json
+
+    path = Path(__file__).resolve().parent / "results" / "montecarlo_nuts.json"
+    out = json.loads(path.read_text())
+    rng = np.random.default_rng(2025)
+    truths = draw_truths(rng, n, "gh")
+    truths[:, 2:4] = np.clip(rng.normal(0.0, 0.1, (n, 2)), -0.29, 0.29)
+    setup = setup_fit(ngc4550(), noise=0.0047, h_prior=0.1)
+    fm, spec = setup.forward, setup.spec
+    run = make_nuts_program(spec, spec.n_params + fm.mdegree, NUM_WARMUP, NUM_SAMPLES, NUM_CHAINS)
+    ys, sigma = make_mocks(fm, truths, "gh", sn, rng)
+    w = jnp.asarray(np.where(np.asarray(setup.spectrum.mask), 1.0 / sigma, 0.0))
+    t0 = time.perf_counter()
+    cell = fit_cell(setup, run, ys, w, truths, sn, 77000)
+    cell["machine"] = machine()
+    cell["total_s"] = time.perf_counter() - t0
+    out["prior_truths"] = cell
+    write("montecarlo_nuts", out)
+    print("prior truths S/N", sn, "posterior coverage", np.round(cell["posterior"]["coverage"], 2),
+          "laplace", np.round(cell["laplace"]["coverage"], 2), flush=True)
+
+
+def main():
     args = [a for a in sys.argv[1:] if not a.startswith("--")]
     n = int(args[0]) if args else 50
+    if "--prior-truths" in sys.argv:
+        prior_truths(n)
+        return
     # S/N 10 is skipped by default: its posteriors are broad and multimodal, and 50 NUTS
     # fits had not finished after 9 minutes (> 10 s per spectrum; all methods fail at
     # S/N 10 anyway, see montecarlo.py); its mocks are still drawn, so that the others
@@ -66,43 +141,12 @@ def main():
         w = jnp.asarray(np.where(mask, 1.0 / sigma, 0.0))
         if sn not in fit_sns:
             continue
-        med, lo, hi, laplace, ess, rhat, div, times = [], [], [], [], [], [], [], []
-        for i, y in enumerate(ys):
-            y = jnp.asarray(y)
-            t0 = time.perf_counter()
-            sol = setup.fitter(y, w)
-            fm_sub, prior_scale, loc, chol = nuts_inputs(fm, spec, y, sol)
-            z, d, _ = run(jax.random.PRNGKey(1000 * sn + i), fm_sub, y, w, prior_scale, loc, chol)
-            draws = whitened_to_theta(z, spec, loc, chol)
-            times.append(time.perf_counter() - t0)
-            flat = draws.reshape(-1, draws.shape[-1])[:, :4]
-            q = np.percentile(flat, [15.865, 50.0, 84.135], axis=0)
-            lo.append(q[0]), med.append(q[1]), hi.append(q[2])
-            laplace.append([np.asarray(sol.theta)[:4], np.sqrt(np.diag(np.asarray(sol.cov)))[:4]])
-            ds = az.convert_to_dataset({nm: draws[..., j] for j, nm in enumerate(GH_NAMES)})
-            ess.append(min(float(az.ess(ds)[nm]) for nm in GH_NAMES))
-            rhat.append(max(float(az.rhat(ds)[nm]) for nm in GH_NAMES))
-            div.append(int(np.asarray(d).sum()))
-        med, lo, hi = np.array(med), np.array(lo), np.array(hi)
-        inside = (truths[:, :4] >= lo) & (truths[:, :4] <= hi)
-        post = stats(med, 0.5 * (hi - lo), truths[:, :4])
-        post["coverage"] = inside.mean(0).tolist()  # the actual 16-84 % interval, not median ± half-width
-        lap_theta, lap_err = np.array([a for a, _ in laplace]), np.array([b for _, b in laplace])
-        cell = {"sn": sn, "N": n, "posterior": post, "laplace": stats(lap_theta, lap_err, truths[:, :4]),
-                "min_ess_median": float(np.median(ess)), "min_ess_min": float(np.min(ess)),
-                "rhat_max": float(np.max(rhat)), "divergences_total": int(np.sum(div)),
-                "mocks_with_divergences": int(np.sum(np.array(div) > 0)),
-                "seconds_median": float(np.median(times[1:] if len(times) > 1 else times)),
-                "first_s": float(times[0]), "load_1": round(os.getloadavg()[0], 2),
-                # per mock, for diagnosing where intervals miss: truth, 16/50/84 %, divergences
-                "per_mock": {"truth": truths[:, :4].tolist(), "lo": lo.tolist(), "median": med.tolist(),
-                             "hi": hi.tolist(), "divergences": div, "min_ess": ess, "max_rhat": rhat,
-                             "seconds": times}}
+        cell = fit_cell(setup, run, ys, w, truths, sn, 1000 * sn)
         out["cells"].append(cell)
         out["machine_end"] = machine()
         out["total_s"] = time.perf_counter() - t_start
         write("montecarlo_nuts", out)
-        print(sn, "posterior coverage", np.round(post["coverage"], 2), "laplace", np.round(cell["laplace"]["coverage"], 2),
+        print(sn, "posterior coverage", np.round(cell["posterior"]["coverage"], 2), "laplace", np.round(cell["laplace"]["coverage"], 2),
               f"ESS {cell['min_ess_median']:.0f}, {cell['seconds_median']:.1f} s/fit", flush=True)
     print(markdown(out))
 
@@ -120,8 +164,19 @@ def markdown(out):
              c["load_1"]] for c in out["cells"]]
     t2 = table(["S/N", "median min-ESS over V, σ, h3, h4", "max R-hat", "divergences",
                 "time per spectrum (MAP + NUTS)", "load (1 min)"], rows)
-    return (f"{t1}\n\nSampler diagnostics ({out['setting']}, h_prior = 0.1):\n\n{t2}\n\n"
+    text = (f"{t1}\n\nSampler diagnostics ({out['setting']}, h_prior = 0.1):\n\n{t2}\n\n"
             f"Machine: {machine_line(out['machine_start'])}; total {out['total_s'] / 60:.1f} min.")
+    c = out.get("prior_truths")
+    if c:  # python benchmarks/montecarlo_nuts.py N --prior-truths
+        rows = [[c["sn"], label, *stats_cells(st)] for label, st in
+                (("NUTS posterior (median, 16-84 %)", c["posterior"]), ("MAP + Laplace, same mocks", c["laplace"]))]
+        t3 = table(["S/N", "estimate", "N", f"bias ({what})", f"scatter ({what})", "abs bias / scatter",
+                    "68 % coverage", "targets"], rows)
+        text += (f"\n\n**Truths drawn from the prior** (h3, h4 ~ Normal(0, 0.1) clipped to ±0.29; V, σ as above; "
+                 f"`--prior-truths`): min-ESS median {c['min_ess_median']:.0f} (min {c['min_ess_min']:.0f}), max R-hat "
+                 f"{c['rhat_max']:.3f}, {c['divergences_total']} divergences, {c['seconds_median']:.1f} s per spectrum; "
+                 f"{machine_line(c['machine'])}; total {c['total_s'] / 60:.1f} min.\n\n{t3}")
+    return text
 
 
 if __name__ == "__main__":
