@@ -136,7 +136,7 @@ class LosvdSpec:
             mask[2 if self.family == "se" else 3] = True
         return mask
 
-    def label_swap(self) -> np.ndarray | None:
+    def label_swap(self) -> tuple[np.ndarray, np.ndarray] | None:
         """The linear map ``theta -> M @ theta + c`` that relabels the components.
 
         Two-Gaussian family only: returns ``(M, c)`` swapping (V1, σ1) with (V2, σ2) and
@@ -187,7 +187,7 @@ class LosvdSpec:
         the interval inside it)."""
         theta = jnp.asarray(theta)
         log, a, b = self._interval(theta.dtype)
-        t = jnp.where(log, jnp.log(jnp.where(log, jnp.maximum(theta, 1e-300), 1.0)), theta)
+        t = jnp.where(log, jnp.log(jnp.where(log, jnp.maximum(theta, jnp.finfo(theta.dtype).tiny), 1.0)), theta)
         p = jnp.clip((t - a) / (b - a), eps, 1.0 - eps)
         return jnp.log(p) - jnp.log1p(-p)
 
