@@ -7,9 +7,10 @@ resolution matching) and then runs
   weights (:mod:`kinjax.optimize`, pPXF's scheme with no penalty), errors from the
   Laplace approximation with the linear parameters marginalised;
 - ``method="nuts"``: the MAP fit first, then NUTS (numpyro) over the non-linear
-  parameters only, with the template weights and additive polynomial integrated out
-  analytically (:mod:`kinjax.models`). The templates are those with non-zero weight in
-  the MAP fit (the support NNLS selects), so each likelihood evaluation is cheap.
+  parameters only, with the template weights and additive polynomial at their best
+  (non-negative least-squares) values at every step, i.e. profiled (:mod:`kinjax.models`).
+  The templates are those with non-zero weight in the MAP fit (the support NNLS
+  selects), so each likelihood evaluation is cheap.
 """
 
 from __future__ import annotations
@@ -362,15 +363,19 @@ def _solve_at(fm, spec, nonneg_templates, y, w, theta):
 NUTS_TEMPLATES = 16
 
 
-def nuts_inputs(fm: ForwardModel, spec: LosvdSpec, y, sol):
+def nuts_inputs(fm: ForwardModel, spec: LosvdSpec, y, sol, nonneg: bool = True):
     """Inputs of the compiled NUTS program for one spectrum, from its MAP solution.
 
     Returns the forward model restricted to the MAP's template support (a fixed number
-    of templates, :data:`NUTS_TEMPLATES`), the prior widths of the linear parameters,
-    and the whitening: the MAP ``loc`` in the sampler's unconstrained coordinates
-    (:meth:`~kinjax.family.LosvdSpec.constrain`) and a square root ``chol`` of its Laplace
-    covariance there; :func:`kinjax.models.whitened_to_theta` maps the draws back.
+    of templates, :data:`NUTS_TEMPLATES`), the :class:`~kinjax.linear.LinearTerms` the
+    profile likelihood solves for (unused template slots dropped; template weights
+    non-negative when ``nonneg``, as in the MAP fit), and the whitening: the MAP ``loc``
+    in the sampler's unconstrained coordinates (:meth:`~kinjax.family.LosvdSpec.constrain`)
+    and a square root ``chol`` of its Laplace covariance there;
+    :func:`kinjax.models.whitened_to_theta` maps the draws back.
     """
+    from kinjax.linear import LinearTerms
+
     linear = np.asarray(sol.linear)
     n_t = fm.n_templates
     n_keep = min(NUTS_TEMPLATES, n_t)
@@ -379,7 +384,7 @@ def nuts_inputs(fm: ForwardModel, spec: LosvdSpec, y, sol):
     if not used.any():
         used[:] = True
     if fm.n_components == 1:
-        # same shapes for every spectrum: unused slots get a zero prior width (no effect)
+        # same shapes for every spectrum: unused slots are dropped by LinearTerms.use
         fm_sub = ForwardModel(
             template_fft=fm.template_fft[order], omega=fm.omega, phase=fm.phase, index=fm.index,
             additive=fm.additive, multiplicative=fm.multiplicative, goodpixels=fm.goodpixels,
@@ -388,11 +393,9 @@ def nuts_inputs(fm: ForwardModel, spec: LosvdSpec, y, sol):
         )
     else:  # several components: keep every template (rarely needed; slower)
         fm_sub, used = fm, np.ones(n_t, bool)
-    # wide Gaussian priors on the linear parameters: 10x the data amplitude per column
-    design = np.asarray(fm_sub.design_matrix(*_split(fm_sub, spec, jnp.asarray(sol.theta))))
-    rms = np.maximum(np.sqrt(np.mean(design**2, axis=0)), 1e-30)
-    scale = 10.0 * np.sqrt(np.mean(np.asarray(y) ** 2)) / rms
-    scale[: used.size] *= used
+    n_add = fm_sub.additive.shape[0]
+    terms = LinearTerms(use=jnp.asarray(np.r_[used, np.ones(n_add, bool)]),
+                        nonneg=jnp.asarray(np.r_[np.full(used.size, nonneg), np.zeros(n_add, bool)]))
     # whitening in the sampler's unconstrained coordinates s (LosvdSpec.constrain): the
     # MAP mapped to s, its Laplace covariance carried over by the Jacobian dθ/ds there
     k = spec.n_params
@@ -405,7 +408,7 @@ def nuts_inputs(fm: ForwardModel, spec: LosvdSpec, y, sol):
     cov = np.asarray(sol.cov) / np.outer(jac, jac)
     evals, evecs = np.linalg.eigh(0.5 * (cov + cov.T))
     chol = evecs * np.sqrt(np.clip(evals, 1e-12 * evals.max(), None))
-    return fm_sub, jnp.asarray(scale), jnp.asarray(loc), jnp.asarray(chol)
+    return fm_sub, terms, jnp.asarray(loc), jnp.asarray(chol)
 
 
 def _nuts_sampler(setup, num_warmup, num_samples, num_chains):
@@ -421,8 +424,8 @@ def _nuts_sampler(setup, num_warmup, num_samples, num_chains):
 
 
 def _run_nuts(setup, sol, names, num_warmup, num_samples, num_chains, seed, progress):
-    """NUTS over the non-linear parameters; linear ones integrated out on the MAP support."""
-    fm_sub, prior_scale, loc, chol = nuts_inputs(setup.forward, setup.spec, setup.y, sol)
+    """NUTS over the non-linear parameters; linear ones profiled on the MAP support."""
+    fm_sub, terms, loc, chol = nuts_inputs(setup.forward, setup.spec, setup.y, sol, nonneg=setup.nonneg)
     run = _nuts_sampler(setup, num_warmup, num_samples, num_chains)
     from kinjax.models import PROGRESS, whitened_to_theta
 
@@ -434,7 +437,7 @@ def _run_nuts(setup, sol, names, num_warmup, num_samples, num_chains, seed, prog
     PROGRESS["bar"] = bar
     try:
         z, diverging, num_steps = jax.block_until_ready(
-            run(jax.random.PRNGKey(seed), fm_sub, setup.y, setup.weights, prior_scale, loc, chol)
+            run(jax.random.PRNGKey(seed), fm_sub, setup.y, setup.weights, terms, loc, chol)
         )
     finally:
         PROGRESS["bar"] = None

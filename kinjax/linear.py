@@ -1,8 +1,9 @@
 """The linear parameters of the spectral model: template weights and additive polynomials.
 
 For fixed LOSVD parameters the model is linear, ``model = A @ x``. kinjax never lets a
-sampler or optimiser wander over ``x``: it is either solved for (non-negative least
-squares, pPXF's choice) or integrated out analytically under a Gaussian prior.
+sampler or optimiser wander over ``x``: it is solved for (non-negative least squares,
+pPXF's choice), by the optimisers and by the samplers (:func:`profile_loglike`). The
+analytic Gaussian marginal (:func:`marginal_loglike`) is kept for comparison.
 
 Everything here is pure JAX, jit- and vmap-compatible. Arrays: ``A`` is
 ``(n_pix, n_lin)``, ``y``/``weights`` are ``(n_pix,)`` with ``weights = mask / noise``
@@ -11,10 +12,12 @@ Everything here is pure JAX, jit- and vmap-compatible. Arrays: ``A`` is
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
-__all__ = ["normal_equations", "nnls", "lstsq", "solve_linear", "marginal_loglike"]
+__all__ = ["normal_equations", "nnls", "lstsq", "solve_linear", "LinearTerms", "profile_loglike", "marginal_loglike"]
 
 
 def normal_equations(A, y, weights):
@@ -153,8 +156,48 @@ def solve_linear(A, y, weights, nonneg, passive=None):
     return x / scale
 
 
+class LinearTerms(NamedTuple):
+    """Which columns of a design matrix the profile likelihood solves for (a pytree).
+
+    use : (n_lin,) bool
+        Columns in the model (False: dropped, e.g. unused template slots).
+    nonneg : (n_lin,) bool
+        Columns whose coefficient must be ≥ 0 (template weights, unless PCA components).
+    """
+
+    use: jax.Array
+    nonneg: jax.Array
+
+
+def profile_loglike(A, y, weights, terms: LinearTerms):
+    """Log-likelihood with the linear parameters at their best values, ``-χ²_min / 2``.
+
+    The best values are the non-negative least-squares solution (pPXF's choice: template
+    weights ≥ 0, additive polynomial free; see :class:`LinearTerms`). The gradient with
+    respect to anything ``A`` depends on is exact without differentiating the solver: at
+    the optimum ∂χ²/∂x vanishes on the free coefficients and the active constraints hold
+    x = 0 under small changes (envelope theorem), so the solution enters through
+    ``stop_gradient``.
+
+    Parameters
+    ----------
+    A : (n_pix, n_lin); y, weights : (n_pix,) (``weights = mask / noise``); terms : LinearTerms.
+    """
+    A = A * terms.use
+    nonneg = terms.nonneg | ~terms.use  # a dropped (zero) column never enters the active set
+    gram, rhs, scale = normal_equations(jax.lax.stop_gradient(A), y, weights)
+    x = jax.lax.stop_gradient(nnls(gram, rhs, nonneg, passive=terms.use) / scale)
+    r = (A @ x - y) * weights
+    return -0.5 * (r @ r)
+
+
 def marginal_loglike(A, y, weights, prior_scale):
     """Log-likelihood with the linear parameters integrated out analytically.
+
+    Not what kinjax's samplers use: with many similar templates the ``log det`` term of
+    a wide Gaussian prior favours the LOSVDs that make the columns most collinear (broad
+    ones), which moved S/N-30 posteriors far from the truth (see
+    :func:`profile_loglike` and the NUTS calibration in ``benchmarks/RESULTS.md``).
 
     With ``y = A x + ε``, ``ε ~ N(0, diag(1/weights²))`` and the prior
     ``x ~ N(0, diag(prior_scale²))``, returns ``log p(y | A)`` up to terms that do not

@@ -1,4 +1,4 @@
-"""Linear sub-problem: NNLS against scipy, marginal likelihood against brute-force integration."""
+"""Linear sub-problem: NNLS and the profile likelihood against scipy, marginal likelihood against brute-force integration."""
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy.optimize import lsq_linear
 
-from kinjax.linear import marginal_loglike, normal_equations, solve_linear
+from kinjax.linear import LinearTerms, marginal_loglike, normal_equations, profile_loglike, solve_linear
 
 
 def _problem(n_pix=200, n_tpl=30, n_free=5, seed=0):
@@ -52,6 +52,30 @@ def test_all_free_is_ordinary_least_squares():
     x = solve_linear(jnp.asarray(A), jnp.asarray(y), jnp.asarray(w), jnp.zeros(A.shape[1], bool))
     ref = np.linalg.lstsq(A * w[:, None], y * w, rcond=None)[0]
     np.testing.assert_allclose(np.asarray(x), ref, rtol=1e-8, atol=1e-10)
+
+
+def _bvls_chi2(A, y, w, nonneg):
+    lb = np.where(nonneg, 0.0, -np.inf)
+    x = lsq_linear(A * w[:, None], y * w, bounds=(lb, np.inf), tol=1e-14, method="bvls").x
+    return np.sum(((A @ x - y) * w) ** 2)
+
+
+def test_profile_likelihood_and_its_gradient_against_scipy():
+    """-χ²_min/2 equals scipy's bounded least squares; its gradient (envelope theorem, no
+    derivative of the solver) equals a finite difference of scipy's χ²_min."""
+    A0, y, w, nonneg = _problem(seed=3)
+    rng = np.random.default_rng(7)
+    dA = rng.normal(size=A0.shape) * 0.05 * np.abs(A0).mean()
+    use = np.ones(A0.shape[1], bool)
+    use[[2, 5]] = False  # dropped slots must not enter, whatever their content
+    terms = LinearTerms(jnp.asarray(use), jnp.asarray(nonneg))
+    f = lambda t: profile_loglike(jnp.asarray(A0) + t * jnp.asarray(dA), jnp.asarray(y), jnp.asarray(w), terms)
+    ref = lambda t: -0.5 * _bvls_chi2((A0 + t * dA)[:, use], y, w, nonneg[use])
+    for t in (0.0, 0.7):
+        np.testing.assert_allclose(float(f(t)), ref(t), rtol=1e-8)
+        h = 1e-4
+        fd = (ref(t + h) - ref(t - h)) / (2 * h)
+        np.testing.assert_allclose(float(jax.grad(f)(t)), fd, rtol=1e-4)
 
 
 def test_marginal_likelihood_against_explicit_gaussian():
