@@ -239,7 +239,7 @@ def _cmd_fit_cube(args) -> int:
     cube = read_cube(args.target, args.format, fwhm=args.fwhm, redshift=args.redshift)
     templates = load_emiles()
     common = dict(losvd=args.losvd, moments=args.moments, degree=args.degree, mdegree=args.mdegree,
-                  snr_min=args.snr_min, seed=args.seed, progress=True)
+                  snr_min=args.snr_min, seed=args.seed, progress=True, mask_emission=not args.no_mask_emission)
     if args.spatial == "gp":
         from kinjax.cube_model import fit_cube_gp
 
@@ -316,6 +316,7 @@ def _build_parser() -> argparse.ArgumentParser:
     fc.add_argument("--method", choices=["map", "nuts", "svi"], default="map", help="inference (default map)")
     fc.add_argument("--snr-min", type=float, default=None, help="skip spaxels with median S/N below this")
     fc.add_argument("--seed", type=int, default=0, help="random seed")
+    fc.add_argument("--no-mask-emission", action="store_true", help="do not mask emission lines")
     fc.add_argument("--out", required=True, metavar="MAPS.fits", help="output maps")
     fc.set_defaults(func=_cmd_fit_cube)
     return parser

@@ -167,8 +167,13 @@ class CubeFit:
 
 # ---------------------------------------------------------------------- preparation
 def prepare_cube(cube, templates, *, snr_min=None, velscale_ratio=2, vmax=2000.0,
-                 degree=4, mdegree=0, losvd="gh", moments=4, dtype=None):
+                 degree=4, mdegree=0, losvd="gh", moments=4, dtype=None, mask_emission=True):
     """Log-rebin the cube if needed, pick usable spaxels, build one forward model.
+
+    With ``mask_emission`` (default) the usual gas emission lines at the cube's systemic
+    redshift (±800 km/s, pPXF's list: :func:`kinjax.spectrum.emission_line_mask`) are
+    masked in every spaxel, as :func:`kinjax.fit.fit_spectrum` does for one spectrum.
+    Spaxels are chosen (``valid``, ``snr_min``) before this mask is applied.
 
     Returns
     -------
@@ -195,6 +200,16 @@ def prepare_cube(cube, templates, *, snr_min=None, velscale_ratio=2, vmax=2000.0
         raise KinjaxError(f"no usable spaxel{what} in the cube (of {cube.n_spaxels}); lower snr_min or check the mask")
     if cube.fwhm is None:
         raise KinjaxError("the cube has no instrumental FWHM; pass fwhm=... when reading it")
+    if mask_emission:
+        import dataclasses
+
+        from kinjax.spectrum import emission_line_mask
+
+        cube = dataclasses.replace(cube, mask=cube.mask & emission_line_mask(cube.wave, cube.redshift)[None, :])
+        use &= cube.mask.sum(axis=1) >= 20
+        if not use.any():
+            raise KinjaxError("no spaxel keeps 20 good pixels once emission lines are masked; "
+                              "check the wavelength range or pass mask_emission=False")
     first = cube.spectrum(int(np.flatnonzero(use)[0]))
     tpl = prepare_templates(templates, first, velscale_ratio=velscale_ratio, vmax=vmax)
     # the model only uses the wavelength grid; the per-spaxel mask enters through weights
@@ -320,7 +335,7 @@ def _progress(iterable, total, enabled, desc):
 
 def fit_cube_spaxels(cube, templates, *, losvd="gh", moments=4, degree=4, mdegree=0,
                      velscale_ratio=2, vmax=2000.0, snr_min=None, chunk_size=256,
-                     progress=True, seed=0) -> CubeFit:
+                     progress=True, seed=0, mask_emission=True) -> CubeFit:
     """Fit every usable spaxel of a cube independently (MAP + Laplace errors).
 
     Parameters
@@ -343,6 +358,8 @@ def fit_cube_spaxels(cube, templates, *, losvd="gh", moments=4, degree=4, mdegre
         Show a tqdm bar over the chunks.
     seed : int
         Seed of the Laplace draws used for the moment errors.
+    mask_emission : bool
+        Mask the usual gas emission lines (default; see :func:`prepare_cube`).
 
     Returns
     -------
@@ -352,7 +369,7 @@ def fit_cube_spaxels(cube, templates, *, losvd="gh", moments=4, degree=4, mdegre
     """
     cube, use, forward, spec = prepare_cube(
         cube, templates, snr_min=snr_min, velscale_ratio=velscale_ratio, vmax=vmax,
-        degree=degree, mdegree=mdegree, losvd=losvd, moments=moments)
+        degree=degree, mdegree=mdegree, losvd=losvd, moments=moments, mask_emission=mask_emission)
     chunk_size = int(max(1, min(chunk_size, use.sum())))
     dtype = forward.additive.dtype
     key = spec_key(spec)
@@ -379,7 +396,7 @@ def fit_cube_spaxels(cube, templates, *, losvd="gh", moments=4, degree=4, mdegre
 
 def fit_cube_spaxels_nuts(cube, templates, *, losvd="gh", moments=4, degree=4, mdegree=0,
                           velscale_ratio=2, vmax=2000.0, snr_min=None, num_warmup=300, num_samples=250,
-                          num_chains=2, progress=True, seed=0) -> CubeFit:
+                          num_chains=2, progress=True, seed=0, mask_emission=True) -> CubeFit:
     """Fit every usable spaxel independently with NUTS (MAP first, then the posterior).
 
     One MAP solver and one NUTS program are compiled for the whole cube (the NUTS
@@ -395,7 +412,7 @@ def fit_cube_spaxels_nuts(cube, templates, *, losvd="gh", moments=4, degree=4, m
 
     cube, use, forward, spec = prepare_cube(
         cube, templates, snr_min=snr_min, velscale_ratio=velscale_ratio, vmax=vmax,
-        degree=degree, mdegree=mdegree, losvd=losvd, moments=moments)
+        degree=degree, mdegree=mdegree, losvd=losvd, moments=moments, mask_emission=mask_emission)
     dtype = forward.additive.dtype
     n, n_theta = cube.n_spaxels, spec.n_params + mdegree
     map_fit = make_fitter(forward, spec)

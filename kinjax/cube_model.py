@@ -479,12 +479,12 @@ def cube_model(chi2_of_fields, xy, field_names, *, kind="matern32", amp_scales=N
 def fit_cube_gp(cube, templates, *, losvd="gh", moments=4, degree=4, mdegree=0, kernel="matern32",
                 method="map", init=None, num_steps=None, seed=0, progress=True, snr_min=None,
                 velscale_ratio=2, vmax=2000.0, dense_max=2500, joint_max=6000, guide="normal", learning_rate=0.01,
-                free_mean=True, hyper_max=600, hyper_draws=32, hyper_nodes_max=900):
+                free_mean=True, hyper_max=600, hyper_draws=32, hyper_nodes_max=900, mask_emission=True):
     """Fit all spaxels at once with GP priors on the LOSVD parameter maps.
 
     Parameters
     ----------
-    cube, templates, losvd, moments, degree, mdegree, velscale_ratio, vmax, snr_min :
+    cube, templates, losvd, moments, degree, mdegree, velscale_ratio, vmax, snr_min, mask_emission :
         As in :func:`kinjax.cube_fit.fit_cube_spaxels` (used for the initial fit when
         ``init`` is None).
     kernel : {"matern32", "expsquared"}
@@ -537,9 +537,10 @@ def fit_cube_gp(cube, templates, *, losvd="gh", moments=4, degree=4, mdegree=0, 
     if init is None:
         init = fit_cube_spaxels(cube, templates, losvd=losvd, moments=moments, degree=degree, mdegree=mdegree,
                                 velscale_ratio=velscale_ratio, vmax=vmax, snr_min=snr_min, progress=progress,
-                                seed=seed)
+                                seed=seed, mask_emission=mask_emission)
     cube, _, forward, spec = prepare_cube(init.cube, templates, velscale_ratio=velscale_ratio, vmax=vmax,
-                                          degree=degree, mdegree=mdegree, losvd=losvd, moments=moments)
+                                          degree=degree, mdegree=mdegree, losvd=losvd, moments=moments,
+                                          mask_emission=mask_emission)
     use = init.fitted
     if init.theta.shape[1] != spec.n_params + mdegree:
         raise KinjaxError("init was fitted with other LOSVD settings (moments/mdegree); refit or drop init")
