@@ -72,6 +72,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kinjax.errors import KinjaxError
+from kinjax.family import exp_where, log_where
 
 __all__ = [
     "KERNELS",
@@ -278,15 +279,14 @@ def _to_fields(spec, theta):
     """Spec parameters (..., k) → field values (σ → ln σ, a fraction f → logit f)."""
     theta = jnp.asarray(theta)
     lg, fr = jnp.asarray(spec.log_scale), jnp.asarray(spec.fraction)
-    safe = jnp.where(lg, theta, 1.0)
     p = jnp.clip(jnp.where(fr, theta, 0.5), 1e-6, 1 - 1e-6)
-    return jnp.where(lg, jnp.log(safe), jnp.where(fr, jnp.log(p) - jnp.log1p(-p), theta))
+    return log_where(jnp.where(fr, jnp.log(p) - jnp.log1p(-p), theta), lg)
 
 
 def _from_fields(spec, f):
     f = jnp.asarray(f)
     lg, fr = jnp.asarray(spec.log_scale), jnp.asarray(spec.fraction)
-    return jnp.where(lg, jnp.exp(jnp.where(lg, f, 0.0)), jnp.where(fr, jax.nn.sigmoid(f), f))
+    return exp_where(jnp.where(fr, jax.nn.sigmoid(f), f), lg)
 
 
 def _field_jac(spec, theta):

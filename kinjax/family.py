@@ -44,7 +44,28 @@ import numpy as np
 from kinjax.errors import KinjaxError
 from kinjax.losvd import Gaussian, GaussHermite, Histogram, Mixture, SandersEvans, velocity_grid
 
-__all__ = ["LosvdSpec", "losvd_spec"]
+__all__ = ["LosvdSpec", "losvd_spec", "log_where", "exp_where"]
+
+
+def log_where(x, mask):
+    """ln x where ``mask``, x elsewhere (elementwise; NumPy or JAX arrays).
+
+    The inner ``where`` keeps the unused branch finite, so reverse-mode gradients stay
+    finite too (``jnp.where(mask, jnp.log(x), x)`` alone gives NaN gradients at x ≤ 0).
+    """
+    xp = jnp if isinstance(x, jax.Array) or isinstance(mask, jax.Array) else np
+    return xp.where(mask, xp.log(xp.where(mask, x, 1.0)), x)
+
+
+def exp_where(u, mask):
+    """Inverse of :func:`log_where`: exp u where ``mask``, u elsewhere.
+
+    Used by every reparameterisation of the scale parameters (the samplers' coordinates,
+    the Levenberg–Marquardt iterate, the GP fields). The inner ``where`` matters: exp of
+    a velocity of 720 km/s is inf in float64, and inf × 0 is a NaN gradient.
+    """
+    xp = jnp if isinstance(u, jax.Array) or isinstance(mask, jax.Array) else np
+    return xp.where(mask, xp.exp(xp.where(mask, u, 0.0)), u)
 
 
 @dataclass(frozen=True)
@@ -161,9 +182,8 @@ class LosvdSpec:
 
     def _interval(self, dtype):
         log = jnp.asarray(self.log_scale)
-        lo, hi = np.asarray(self.lower, float), np.asarray(self.upper, float)
-        a = np.where(self.log_scale, np.log(np.where(self.log_scale, lo, 1.0)), lo)
-        b = np.where(self.log_scale, np.log(np.where(self.log_scale, hi, 1.0)), hi)
+        a = log_where(np.asarray(self.lower, float), self.log_scale)
+        b = log_where(np.asarray(self.upper, float), self.log_scale)
         return log, jnp.asarray(a, dtype), jnp.asarray(b, dtype)
 
     def constrain(self, s):
@@ -178,7 +198,7 @@ class LosvdSpec:
         s = jnp.asarray(s)
         log, a, b = self._interval(s.dtype)
         t = a + (b - a) * jax.nn.sigmoid(s)
-        theta = jnp.where(log, jnp.exp(jnp.where(log, t, 0.0)), t)  # no exp(V): inf * 0 = NaN in the gradient
+        theta = exp_where(t, log)
         log_jac = jnp.log(b - a) + jax.nn.log_sigmoid(s) + jax.nn.log_sigmoid(-s) + jnp.where(log, t, 0.0)
         return theta, jnp.sum(log_jac, axis=-1)
 
@@ -187,7 +207,7 @@ class LosvdSpec:
         the interval inside it)."""
         theta = jnp.asarray(theta)
         log, a, b = self._interval(theta.dtype)
-        t = jnp.where(log, jnp.log(jnp.where(log, jnp.maximum(theta, jnp.finfo(theta.dtype).tiny), 1.0)), theta)
+        t = log_where(jnp.where(log, jnp.maximum(theta, jnp.finfo(theta.dtype).tiny), theta), log)
         p = jnp.clip((t - a) / (b - a), eps, 1.0 - eps)
         return jnp.log(p) - jnp.log1p(-p)
 
