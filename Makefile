@@ -14,9 +14,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[all]"
 	touch $(STAMP)
 
-# Paired .ipynb files are generated from the jupytext MyST sources, never committed.
+# The .ipynb files are generated from the jupytext MyST sources and committed (Colab opens
+# them from GitHub); tests/test_book.py checks that they match the sources.
 notebooks: $(STAMP)
-	$(BIN)/jupytext --quiet --to ipynb notebooks/*.md
+	$(BIN)/jupytext --quiet --update --to ipynb notebooks/*.md
 
 book: $(STAMP)
 	$(BIN)/jupyter-book build . -W --keep-going

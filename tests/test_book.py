@@ -67,6 +67,42 @@ def test_toc_lists_existing_book_pages():
         assert f"book/{page.stem}" in docs, f"{page.name} is not in _toc.yml"
 
 
+def _committed(path: Path) -> str:
+    """``path``'s text as committed (HEAD), or as on disk outside a git checkout."""
+    rel = path.relative_to(ROOT).as_posix()
+    proc = subprocess.run(["git", "-C", str(ROOT), "show", f"HEAD:{rel}"], capture_output=True)
+    if proc.returncode == 0:
+        return proc.stdout.decode("utf8")
+    if not path.exists():
+        pytest.fail(f"{rel} is missing: run `make notebooks` and commit it")
+    return path.read_text(encoding="utf8")
+
+
+def _without_ids(text: str) -> dict:
+    """A notebook's JSON without cell ids (random per conversion; ``jupytext --update`` keeps them)."""
+    import json
+
+    nb = json.loads(text)
+    for cell in nb["cells"]:
+        cell.pop("id", None)
+    return nb
+
+
+def test_committed_notebooks_match_their_sources():
+    """Each tutorial's .ipynb (what Colab opens from GitHub) is committed and is exactly the
+    jupytext conversion of its MyST source, without outputs; `make notebooks` updates them."""
+    jupytext = pytest.importorskip("jupytext")
+    sources = sorted((ROOT / "notebooks").glob("*.md"))
+    assert sources
+    for md in sources:
+        nb = jupytext.read(md)
+        assert nb.metadata.get("accelerator") == "GPU", f"{md.name}: Colab should open it with a GPU"
+        committed = _without_ids(_committed(md.with_suffix(".ipynb")))
+        assert not any(c.get("outputs") for c in committed["cells"]), f"{md.stem}.ipynb is committed with outputs"
+        assert committed == _without_ids(jupytext.writes(nb, fmt="ipynb")), (
+            f"{md.stem}.ipynb is not the conversion of {md.name}: run `make notebooks` and commit it")
+
+
 def test_book_builds_with_every_chapter(tmp_path):
     docs = toc_files()
     missing = [doc for doc in docs if source_of(doc) is None]
@@ -99,6 +135,8 @@ def test_book_builds_with_every_chapter(tmp_path):
         if doc.startswith("notebooks/"):
             text = page.read_text(encoding="utf8")
             assert OUTPUT_IMAGE.search(text), f"{doc} shows no figure"
+            colab = f"https://colab.research.google.com/github/kinjax/kinjax/blob/main/{doc}.ipynb"
+            assert colab in text, f"{doc}: no Colab button for the committed .ipynb"
 
     api = (html / "book" / "api.html").read_text(encoding="utf8")
     assert 'id="module-kinjax.losvd"' in api, "the API page does not document kinjax.losvd"
