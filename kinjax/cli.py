@@ -234,6 +234,8 @@ def _cmd_fit_cube(args) -> int:
         raise KinjaxError(f"{out}: the output directory does not exist")
     if args.spatial == "none" and args.method == "svi":
         raise KinjaxError("--method svi needs --spatial gp (spaxel-by-spaxel fits use map or nuts)")
+    if args.spatial == "none" and args.v_mean != "constant":
+        raise KinjaxError("--v-mean applies to --spatial gp (the GP's mean function)")
     if args.spatial == "gp" and args.method == "nuts":
         raise KinjaxError("--spatial gp supports --method map or svi (NUTS over a whole cube is not offered)")
     cube = read_cube(args.target, args.format, fwhm=args.fwhm, redshift=args.redshift)
@@ -243,7 +245,7 @@ def _cmd_fit_cube(args) -> int:
     if args.spatial == "gp":
         from kinjax.cube_model import fit_cube_gp
 
-        result = fit_cube_gp(cube, templates, method=args.method, **common)
+        result = fit_cube_gp(cube, templates, method=args.method, v_mean=args.v_mean, **common)
     elif args.method == "nuts":
         from kinjax.cube_fit import fit_cube_spaxels_nuts
 
@@ -317,6 +319,9 @@ def _build_parser() -> argparse.ArgumentParser:
     fc.add_argument("--snr-min", type=float, default=None, help="skip spaxels with median S/N below this")
     fc.add_argument("--seed", type=int, default=0, help="random seed")
     fc.add_argument("--no-mask-emission", action="store_true", help="do not mask emission lines")
+    fc.add_argument("--v-mean", choices=["constant", "rotation"], default="constant",
+                    help="mean function of the V map under --spatial gp: constant (default) or an "
+                         "arctan rotation curve of an inclined disc fitted to the spaxel velocities")
     fc.add_argument("--out", required=True, metavar="MAPS.fits", help="output maps")
     fc.set_defaults(func=_cmd_fit_cube)
     return parser

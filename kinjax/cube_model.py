@@ -47,6 +47,14 @@ envelope theorem the gradient of the profiled χ² is then exact. The objective 
    ``method="svi"`` instead fits the numpyro model :func:`cube_model` (hyperparameters
    sampled too) with an AutoNormal / low-rank guide, started at the MAP.
 
+**Mean function of V** (``v_mean="rotation"``): an arctan rotation curve of an inclined
+disc (:mod:`kinjax.rotation`) is fitted once to the spaxel-by-spaxel velocities and the
+V field's GP models the departures from it. The curve's own uncertainty (its parameters'
+covariance, propagated to first order) is marginalised in the joint Laplace errors like
+the constant mean; the per-field error path ignores it. On three disc + bulge mocks at
+S/N 20 it lowered the RMSE of MEAN_V from 7.8 to 6.7 km/s (pooled) with coverage 0.85,
+0.55, 0.69 (constant mean: 0.67, 0.69, 0.65); DISPERSION was unchanged.
+
 Dense n × n work (``eigh``) is used for the posterior covariance up to ``dense_max``
 field nodes; beyond that the preconditioner and the errors use the diagonal of the
 posterior precision (errors then slightly too small) while the prior term keeps the
@@ -479,7 +487,8 @@ def cube_model(chi2_of_fields, xy, field_names, *, kind="matern32", amp_scales=N
 def fit_cube_gp(cube, templates, *, losvd="gh", moments=4, degree=4, mdegree=0, kernel="matern32",
                 method="map", init=None, num_steps=None, seed=0, progress=True, snr_min=None,
                 velscale_ratio=2, vmax=2000.0, dense_max=2500, joint_max=6000, guide="normal", learning_rate=0.01,
-                free_mean=True, hyper_max=600, hyper_draws=32, hyper_nodes_max=900, mask_emission=True):
+                free_mean=True, hyper_max=600, hyper_draws=32, hyper_nodes_max=900, mask_emission=True,
+                v_mean="constant"):
     """Fit all spaxels at once with GP priors on the LOSVD parameter maps.
 
     Parameters
@@ -520,11 +529,19 @@ def fit_cube_gp(cube, templates, *, losvd="gh", moments=4, degree=4, mdegree=0, 
         estimates) and include the mean's uncertainty in the joint Laplace errors.
     learning_rate : float
         SVI Adam step size.
+    v_mean : {"constant", "rotation"}
+        Mean function of the velocity field ``v``. "rotation": an arctan rotation curve
+        of an inclined disc (:mod:`kinjax.rotation`), fitted once to the spaxel-by-spaxel
+        velocities; the GP then models the departures from it (with their own constant
+        mean, shifted freely like every field's). Families with a field named ``v``
+        (Gauss–Hermite, Sanders–Evans).
 
     Returns
     -------
     CubeFit with ``method`` "gp-map" or "gp-svi" and ``info`` holding the
-    hyperparameters per field (``mean``, ``amplitude``, ``scale`` in arcsec) and timings.
+    hyperparameters per field (``mean``, ``amplitude``, ``scale`` in arcsec; for the
+    rotation mean, the mean of the departures), the fitted ``rotation_curve`` when
+    ``v_mean="rotation"``, and timings.
     """
     from kinjax.cube_fit import finish_fit, fit_cube_spaxels, laplace_batch, prepare_cube, spec_key
     from kinjax.optimize import map_spectra
@@ -533,6 +550,8 @@ def fit_cube_gp(cube, templates, *, losvd="gh", moments=4, degree=4, mdegree=0, 
         raise KinjaxError(f"unknown kernel {kernel!r}: use one of {KERNELS}")
     if method not in ("map", "svi"):
         raise KinjaxError(f"unknown method {method!r}: use 'map' or 'svi'")
+    if v_mean not in ("constant", "rotation"):
+        raise KinjaxError(f"unknown v_mean {v_mean!r}: use 'constant' or 'rotation'")
     t0 = time.perf_counter()
     if init is None:
         init = fit_cube_spaxels(cube, templates, losvd=losvd, moments=moments, degree=degree, mdegree=mdegree,
@@ -571,6 +590,21 @@ def fit_cube_gp(cube, templates, *, losvd="gh", moments=4, degree=4, mdegree=0, 
         f0_np = np.where(bad, med, f0_np)
         err0 = np.where(bad, 1e3 * _field_scales(spec), err0)
         f0 = jnp.asarray(f0_np, dtype)
+    # a mean function: the fields below are departures from `offset` (n_nodes, k)
+    offset = np.zeros((n_nodes, k))
+    rotation = None
+    if v_mean == "rotation":
+        from kinjax.rotation import fit_rotation_curve
+
+        if "v" not in spec.names:
+            raise KinjaxError(f"v_mean='rotation' needs a velocity field 'v'; the {spec.family!r} family has {spec.names}")
+        iv = spec.names.index("v")
+        xy_data = geo["xy"][np.asarray(data)]
+        rotation = fit_rotation_curve(xy_data[:, 0], xy_data[:, 1], np.where(bad[:, iv], np.nan, f0_np[:, iv]),
+                                      err0[:, iv])
+        offset[:, iv] = rotation.velocity(geo["xy"][:, 0], geo["xy"][:, 1])
+        f0 = f0 - jnp.asarray(offset[np.asarray(data)], dtype)
+    offset = jnp.asarray(offset, dtype)
     err0 = jnp.asarray(err0, dtype)
     sub = np.arange(fitted.size)
     if sub.size > hyper_max:  # hyperparameters from a random subset of spaxels
@@ -608,10 +642,11 @@ def fit_cube_gp(cube, templates, *, losvd="gh", moments=4, degree=4, mdegree=0, 
 
     # NNLS warm start: the active set of each spaxel's linear solution at the start
     passive = jax.jit(lambda th: map_spectra(_linear_support(forward, spec, mdegree), th, y, w))(
-        jnp.concatenate([_from_fields(spec, f0), mult], axis=1) if mdegree else _from_fields(spec, f0))
+        jnp.concatenate([_from_fields(spec, f0 + offset[data]), mult], axis=1) if mdegree
+        else _from_fields(spec, f0 + offset[data]))
 
-    def total_chi2(fields):  # fields (n_nodes, k)
-        theta = _from_fields(spec, fields[data])
+    def total_chi2(fields):  # fields (n_nodes, k): departures from the mean function
+        theta = _from_fields(spec, (fields + offset)[data])
         if mdegree:
             theta = jnp.concatenate([theta, mult], axis=1)
         return jnp.sum(map_spectra(chi2_one, theta, y, w, passive))
@@ -658,6 +693,7 @@ def fit_cube_gp(cube, templates, *, losvd="gh", moments=4, degree=4, mdegree=0, 
     else:
         fields, extra = _svi(total_chi2, geo, spec, kernel, ell0, amp_scales, means, amps, scales, mu,
                              num_steps or 2000, seed, progress, guide, learning_rate, history)
+    fields = fields + offset
     t_opt = time.perf_counter() - t1
 
     # ---- Laplace errors at the optimum: data precision from the per-spaxel Gauss-Newton
@@ -674,15 +710,23 @@ def fit_cube_gp(cube, templates, *, losvd="gh", moments=4, degree=4, mdegree=0, 
     joint = method == "map" and geo["dense"] and n_nodes * k <= joint_max
     if joint:
         # the full Laplace posterior: per-spaxel data blocks (all fields) + GP precision per field
+        # the uncertain parts of each field's mean, marginalised: a constant shift (free_mean)
+        # and the fitted rotation curve's parameters (first-order, `RotationFit.basis`)
+        bases = [[] for _ in range(k)]
+        if free_mean:
+            for j in range(k):
+                bases[j].append(np.full((n_nodes, 1), 100 * float(amp_scales[j])))
+        if rotation is not None:
+            bases[iv].append(rotation.basis(geo["xy"][:, 0], geo["xy"][:, 1]))
         cov_fields = _joint_laplace(priors, cov_data[:, :k, :k], theta_np, spec, np.asarray(data), n_nodes,
-                                    mean_scales=100 * np.asarray(amp_scales) if free_mean else None)
+                                    mean_bases=[np.concatenate(b, axis=1) if b else None for b in bases])
         sd = sd_data.copy()
         sd[:, :k] = np.sqrt(np.diagonal(cov_fields, axis1=1, axis2=2))
         cov_post = corr * sd[:, :, None] * sd[:, None, :]
         cov_post[:, :k, :k] = cov_fields
     else:
         if method == "map":
-            _, _, post_var = gaussian_posterior(_to_fields(spec, theta_fit), err_d)
+            _, _, post_var = gaussian_posterior(_to_fields(spec, theta_fit) - offset[data], err_d)
             post_var = np.asarray(post_var)[np.asarray(data)]
         else:
             post_var = np.asarray(extra["var"])[np.asarray(data)]
@@ -716,6 +760,7 @@ def fit_cube_gp(cube, templates, *, losvd="gh", moments=4, degree=4, mdegree=0, 
                for j, nm in enumerate(names)},
         kernel=kernel, kronecker=geo["grid"] is not None, dense=geo["dense"], n_nodes=int(n_nodes),
         joint_laplace=bool(joint),
+        rotation_curve=None if rotation is None else {f: float(v) for f, v in rotation.curve._asdict().items()},
         hyper_inflation={nm: float(np.median(np.sqrt(inflation[:, j]))) for j, nm in enumerate(names)},
         seconds=dict(init=t_init, hyper=t_hyper, optimise=t_opt, total=time.perf_counter() - t0),
         objective=history,
@@ -758,13 +803,14 @@ def _hyper_inflation(geo, kernel, means, amps, scales, hyper_cov, f0, err0, data
     return out
 
 
-def _joint_laplace(priors, cov_theta, theta, spec, data, n_nodes, mean_scales=None):
+def _joint_laplace(priors, cov_theta, theta, spec, data, n_nodes, mean_bases=None):
     """Laplace covariance of all fields at once: inv(blockdiag_s H_s + blockdiag_f K_f⁻¹).
 
     ``cov_theta`` (n_fit, k, k) per-spaxel data covariance of the LOSVD parameters (σ, not
     ln σ); returns (n_fit, k, k) posterior covariances in the same parameters. With
-    ``mean_scales`` (k,) each field's mean is uncertain with that prior standard
-    deviation (marginalised: the prior covariance becomes K + s² 11ᵀ, by Woodbury).
+    ``mean_bases`` (one (n_nodes, m) matrix B or None per field) each field's mean is
+    uncertain with covariance B Bᵀ, marginalised: the prior covariance becomes K + B Bᵀ
+    (by Woodbury; a constant mean of prior standard deviation s is B = s 1).
     """
     n_fit, k, _ = cov_theta.shape
     jac = _field_jac(spec, theta[:, :k])  # d theta / d field
@@ -780,9 +826,10 @@ def _joint_laplace(priors, cov_theta, theta, spec, data, n_nodes, mean_scales=No
     for f, prior in enumerate(priors):
         q, eig = _eigen(prior)
         kinv = (q / eig) @ q.T
-        if mean_scales is not None:
-            k1 = kinv.sum(axis=1)
-            kinv = kinv - np.outer(k1, k1) / (1.0 / mean_scales[f] ** 2 + k1.sum())
+        if mean_bases is not None and mean_bases[f] is not None:
+            b = np.asarray(mean_bases[f], float)
+            kb = kinv @ b
+            kinv = kinv - kb @ np.linalg.solve(np.eye(b.shape[1]) + b.T @ kb, kb.T)
         prec[f * n_nodes:(f + 1) * n_nodes, f * n_nodes:(f + 1) * n_nodes] = kinv
     rows = np.arange(k)[:, None] * n_nodes + data[None, :]  # (k, n_fit)
     for a in range(k):

@@ -51,6 +51,13 @@ def test_fit_cube_refuses_bad_combination(mock_file, tmp_path):
     assert not out.exists()
 
 
+def test_fit_cube_v_mean_needs_gp(mock_file, tmp_path, capsys):
+    out = tmp_path / "maps.fits"
+    assert main(["fit-cube", str(mock_file), "--fwhm", "2.65", "--v-mean", "rotation", "--out", str(out)]) == 2
+    assert "--spatial gp" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_fit_cube_everything_below_snr_min(mock_file, tmp_path, capsys):
     out = tmp_path / "maps.fits"
     assert main(["fit-cube", str(mock_file), "--fwhm", "2.65", "--snr-min", "1e6", "--out", str(out)]) == 2

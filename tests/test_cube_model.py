@@ -59,6 +59,8 @@ def test_bad_kernel_and_method():
         fit_cube_gp(cube, tpl, kernel="rbf")
     with pytest.raises(KinjaxError, match="method"):
         fit_cube_gp(cube, tpl, method="nuts")
+    with pytest.raises(KinjaxError, match="v_mean"):
+        fit_cube_gp(cube, tpl, v_mean="flat")
 
 
 def test_gp_map_beats_spaxel_fits(tmp_path):
@@ -88,6 +90,24 @@ def test_gp_map_beats_spaxel_fits(tmp_path):
     # same result type: the maps file works
     gp.write_maps(tmp_path / "MAPS.fits")
     assert (tmp_path / "MAPS.fits").exists()
+
+
+def test_rotation_curve_mean_for_v():
+    """v_mean="rotation": the GP models departures from a fitted arctan disc; the velocity
+    map beats the spaxel fits and its errors (which carry the curve's own uncertainty)
+    still cover the truth. The test cube's disc has its major axis at 0.4 rad."""
+    from kinjax.cube_fit import fit_cube_spaxels
+    from kinjax.cube_model import fit_cube_gp
+
+    cube, truth, tpl = make_test_cube()
+    spax = fit_cube_spaxels(cube, tpl, vmax=1000.0, progress=False)
+    gp = fit_cube_gp(cube, tpl, vmax=1000.0, init=spax, progress=False, v_mean="rotation")
+    curve = gp.info["rotation_curve"]
+    assert abs(np.angle(np.exp(1j * (curve["pa"] - 0.4)))) < np.deg2rad(15)
+    assert curve["v_amp"] == pytest.approx(120.0, rel=0.3)
+    rmse = lambda a: float(np.sqrt(np.mean((a - truth[:, 0]) ** 2)))
+    assert rmse(gp.theta[:, 0]) < 0.7 * rmse(spax.theta[:, 0])
+    assert np.mean(np.abs(gp.theta[:, 0] - truth[:, 0]) < 2 * gp.theta_err[:, 0]) >= 0.8
 
 
 def test_gp_fit_survives_a_spaxel_without_errors():
