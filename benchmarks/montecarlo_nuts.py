@@ -16,8 +16,8 @@ min-ESS, max R-hat, divergences and time per spectrum.
 from the fit's own Normal(0, 0.1) prior, a check of calibration against the prior.
 
 Run: ``python benchmarks/montecarlo_nuts.py [n_per_sn] [--with-sn10]`` (default 50 per S/N at
-S/N 30 and 100: 100 posteriors, about 10 min on 2 cores; S/N 10 is skipped unless asked: its
-50 posteriors had not finished after 9 minutes).
+S/N 30 and 100: 100 posteriors, about 15 min on 2 cores; S/N 10 is skipped unless asked: its
+posteriors are slow, 14 of 50 took 16 min in one run, one of them 405 s).
 """
 
 from __future__ import annotations
@@ -122,8 +122,8 @@ def main():
     if "--prior-truths" in sys.argv:
         prior_truths(n)
         return
-    # S/N 10 is skipped by default: its posteriors are broad and multimodal, and 50 NUTS
-    # fits had not finished after 9 minutes (> 10 s per spectrum; all methods fail at
+    # S/N 10 is skipped by default: its posteriors are broad and multimodal, and 14 of 50
+    # NUTS fits took 16 minutes (one of them 405 s; all methods fail at
     # S/N 10 anyway, see montecarlo.py); its mocks are still drawn, so that the others
     # match montecarlo.py's
     fit_sns = (10, 30, 100) if "--with-sn10" in sys.argv else (30, 100)

@@ -10,9 +10,10 @@ Why not integrate them out under a wide Gaussian prior (:func:`kinjax.linear.mar
 what kinjax did before)? The ``log det`` of that integral rewards the LOSVDs that make
 the template columns most collinear. On S/N-30 mocks it pulled posteriors far from the
 truth (σ = 247 km/s → median 503 km/s); profiling brought the median back to the MAP's
-(286 km/s) and raised the σ coverage of 20 such mocks from 0.40 to 0.55. Marginalising
-without that term gave the same medians as profiling, so the ``log det`` was the cause and
-the sign of the weights was not (benchmarks/RESULTS.md, NUTS calibration).
+(286 km/s) and raised the σ coverage of 40 such mocks (h3, h4 drawn from the prior) from
+0.50 to 0.57. Marginalising without that term gave the same medians as profiling, so the
+``log det`` was the cause and the sign of the weights was not (benchmarks/RESULTS.md,
+NUTS calibration).
 
 Priors (weakly informative, no galaxy-specific constants):
 
