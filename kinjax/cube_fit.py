@@ -475,12 +475,15 @@ def align_labels(spec, theta, cov, x, y, use):
     start = int(np.nanargmin(np.where(np.isfinite(err_v), err_v, np.inf)))
     done = np.zeros(idx.size, bool)
     done[start] = True
-    dist = np.linalg.norm(xy[:, None] - xy[None], axis=-1).astype(np.float32)  # (n, n)
-    step = float(np.median(np.partition(dist, 1, axis=1)[:, 1]))
-    d_done = dist[start].copy()  # distance of every spaxel to the nearest labelled one
+    from scipy.spatial import cKDTree
+
+    step = float(np.median(cKDTree(xy).query(xy, k=2)[0][:, 1]))  # the spaxel spacing
+    # distances row by row (memory O(n), not an n x n matrix: 6400 spaxels would need 330 MB)
+    d_done = np.linalg.norm(xy - xy[start], axis=1)  # distance to the nearest labelled spaxel
     for _ in range(idx.size - 1):
         j = int(np.argmin(np.where(done, np.inf, d_done)))
-        near = done & (dist[j] <= max(2.5 * step, d_done[j] * 1.01))
+        dist_j = np.linalg.norm(xy - xy[j], axis=1)
+        near = done & (dist_j <= max(2.5 * step, d_done[j] * 1.01))
         v_near = theta[idx[near]][:, [0, 2]]
         if near.sum() >= 2:
             # planar extrapolation of (V1, V2) from the labelled neighbours: the velocities of
@@ -495,7 +498,7 @@ def align_labels(spec, theta, cov, x, y, use):
             theta[idx[j]] = full_m @ theta[idx[j]] + full_c
             cov[idx[j]] = full_m @ cov[idx[j]] @ full_m.T
         done[j] = True
-        np.minimum(d_done, dist[j], out=d_done)
+        np.minimum(d_done, dist_j, out=d_done)
     return theta, cov
 
 
