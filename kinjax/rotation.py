@@ -97,12 +97,19 @@ def fit_rotation_curve(x, y, v, err) -> RotationFit:
 
     Parameters
     ----------
-    x, y : (n,) positions (arcsec); v : (n,) velocities (km/s); err : (n,) their 1σ errors.
-        Non-finite entries are ignored.
+    x, y : ndarray, shape (n,)
+        Positions (arcsec).
+    v : ndarray, shape (n,)
+        Velocities (km/s); non-finite entries are ignored.
+    err : ndarray, shape (n,)
+        Their 1σ errors (km/s).
 
-    Returns a :class:`RotationFit`: the best curve over starts at four position angles
-    (soft-L1 loss on the normalised residuals, so a few catastrophic spaxels do not steer
-    it) and the covariance of its parameters. The centre is free but kept within the field.
+    Returns
+    -------
+    RotationFit
+        The best curve over starts at four position angles (soft-L1 loss on the
+        normalised residuals, so a few catastrophic spaxels do not steer it) and the
+        covariance of its parameters. The centre is free but kept within the field.
     """
     from scipy.optimize import least_squares
 
