@@ -56,7 +56,7 @@ def fit_cell(setup, run, ys, w, truths, sn, key_base):
         y = jnp.asarray(y)
         t0 = time.perf_counter()
         sol = setup.fitter(y, w)
-        fm_sub, terms, loc, chol = nuts_inputs(fm, spec, y, sol)
+        fm_sub, terms, loc, chol = nuts_inputs(fm, spec, sol)
         z, d, _ = run(jax.random.PRNGKey(key_base + i), fm_sub, y, w, terms, loc, chol)
         draws = whitened_to_theta(z, spec, loc, chol)
         times.append(time.perf_counter() - t0)

@@ -428,7 +428,7 @@ def fit_cube_spaxels_nuts(cube, templates, *, losvd="gh", moments=4, degree=4, m
         y = jnp.asarray(cube.flux[i].astype(dtype))
         w = jnp.asarray((cube.mask[i] / cube.noise[i]).astype(dtype))
         sol = map_fit(y, w)
-        fm_sub, terms, loc, chol = nuts_inputs(forward, spec, y, sol)
+        fm_sub, terms, loc, chol = nuts_inputs(forward, spec, sol)
         z, div, _ = run(keys[j], fm_sub, y, w, terms, loc, chol)
         draws = whitened_to_theta(z, spec, loc, chol)
         flat = draws.reshape(-1, n_theta)

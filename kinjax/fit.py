@@ -363,7 +363,7 @@ def _solve_at(fm, spec, nonneg_templates, y, w, theta):
 NUTS_TEMPLATES = 16
 
 
-def nuts_inputs(fm: ForwardModel, spec: LosvdSpec, y, sol, nonneg: bool = True):
+def nuts_inputs(fm: ForwardModel, spec: LosvdSpec, sol, nonneg: bool = True):
     """Inputs of the compiled NUTS program for one spectrum, from its MAP solution.
 
     Returns the forward model restricted to the MAP's template support (a fixed number
@@ -425,7 +425,7 @@ def _nuts_sampler(setup, num_warmup, num_samples, num_chains):
 
 def _run_nuts(setup, sol, names, num_warmup, num_samples, num_chains, seed, progress):
     """NUTS over the non-linear parameters; linear ones profiled on the MAP support."""
-    fm_sub, terms, loc, chol = nuts_inputs(setup.forward, setup.spec, setup.y, sol, nonneg=setup.nonneg)
+    fm_sub, terms, loc, chol = nuts_inputs(setup.forward, setup.spec, sol, nonneg=setup.nonneg)
     run = _nuts_sampler(setup, num_warmup, num_samples, num_chains)
     from kinjax.models import PROGRESS, whitened_to_theta
 

@@ -104,7 +104,7 @@ def test_whitened_log_posterior_equals_numpyro_density(setup):
     from kinjax.models import log_posterior_whitened, spectrum_model_whitened
 
     sol = setup.fitter(setup.y, setup.weights)
-    fm_sub, terms, loc, chol = nuts_inputs(setup.forward, setup.spec, setup.y, sol)
+    fm_sub, terms, loc, chol = nuts_inputs(setup.forward, setup.spec, sol)
     args = (fm_sub, setup.y, setup.weights, terms, loc, chol)
     zs = [jnp.zeros(4), jnp.array([0.5, -1.0, 2.0, 0.3]), jnp.array([-2.0, 1.5, -0.5, 1.0])]
     ours = [float(log_posterior_whitened(z, *args, setup.spec)) for z in zs]
