@@ -204,6 +204,8 @@ def _cmd_fit(args) -> int:
             noise=args.noise,
         )
         noise = args.noise
+    if args.wave_range is not None:
+        spectrum = spectrum.crop(*args.wave_range)
     result = fit_spectrum(
         spectrum, losvd=args.losvd, moments=args.moments, degree=args.degree, mdegree=args.mdegree,
         noise=noise, method=args.method, seed=args.seed, mask_emission=not args.no_mask_emission, n_pca=args.pca,
@@ -239,6 +241,8 @@ def _cmd_fit_cube(args) -> int:
     if args.spatial == "gp" and args.method == "nuts":
         raise KinjaxError("--spatial gp supports --method map or svi (NUTS over a whole cube is not offered)")
     cube = read_cube(args.target, args.format, fwhm=args.fwhm, redshift=args.redshift)
+    if args.wave_range is not None:
+        cube = cube.crop(*args.wave_range)
     templates = load_emiles()
     common = dict(losvd=args.losvd, moments=args.moments, degree=args.degree, mdegree=args.mdegree,
                   snr_min=args.snr_min, seed=args.seed, progress=True, mask_emission=not args.no_mask_emission)
@@ -294,6 +298,8 @@ def _build_parser() -> argparse.ArgumentParser:
                      help="compress the templates to N principal components (unconstrained weights)")
     fit.add_argument("--seed", type=int, default=0, help="random seed")
     fit.add_argument("--no-mask-emission", action="store_true", help="do not mask emission lines")
+    fit.add_argument("--wave-range", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                     help="fit only LO-HI Å (observed frame; default: the whole spectrum)")
     fit.add_argument("--save", default=None, metavar="RESULT.nc", help="also save the full result (netCDF)")
     fit.add_argument("--out", required=True, metavar="RESULT.json", help="JSON summary to write")
     fit.set_defaults(func=_cmd_fit)
@@ -319,6 +325,8 @@ def _build_parser() -> argparse.ArgumentParser:
     fc.add_argument("--snr-min", type=float, default=None, help="skip spaxels with median S/N below this")
     fc.add_argument("--seed", type=int, default=0, help="random seed")
     fc.add_argument("--no-mask-emission", action="store_true", help="do not mask emission lines")
+    fc.add_argument("--wave-range", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                    help="fit only LO-HI Å (observed frame), e.g. 4750 5500 for MUSE (default: the whole cube)")
     fc.add_argument("--v-mean", choices=["constant", "rotation"], default="constant",
                     help="mean function of the V map under --spatial gp: constant (default) or an "
                          "arctan rotation curve of an inclined disc fitted to the spaxel velocities")

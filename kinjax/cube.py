@@ -261,6 +261,18 @@ class Cube:
         return replace(self, wave=wave_new, flux=flux_new, noise=noise_new, mask=mask_new,
                        fwhm=fwhm, velscale=float(velscale))
 
+    def crop(self, wave_min: float, wave_max: float) -> "Cube":
+        """The wavelength pixels with ``wave_min <= wave <= wave_max`` (observed-frame Å), every spaxel.
+
+        E.g. a MUSE cube (4750–9350 Å) cut to 4750–5500 Å before fitting, as pPXF users do.
+        """
+        from kinjax.spectrum import _crop_index
+
+        keep = _crop_index(self.wave, wave_min, wave_max, self.name or "Cube")
+        fwhm = self.fwhm if self.fwhm is None or np.ndim(self.fwhm) == 0 else np.asarray(self.fwhm)[keep]
+        return replace(self, wave=self.wave[keep], flux=self.flux[:, keep], noise=self.noise[:, keep],
+                       mask=self.mask[:, keep], fwhm=fwhm)
+
     def spectrum(self, i: int):
         """The spectrum of spaxel ``i`` as a `kinjax.spectrum.Spectrum`."""
         from kinjax.spectrum import Spectrum

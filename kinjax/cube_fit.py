@@ -137,6 +137,10 @@ class CubeFit:
         primary.header["METHOD"] = self.method
         primary.header["FAMILY"] = self.family
         primary.header["NFITTED"] = int(self.fitted.sum())
+        wave = np.asarray(self.cube.wave)
+        primary.header["WAVEMIN"] = (float(wave[0]), "first fitted pixel centre, observed frame (Angstrom)")
+        primary.header["WAVEMAX"] = (float(wave[-1]), "last fitted pixel centre, observed frame (Angstrom)")
+        primary.header["REDSHIFT"] = (float(self.cube.redshift), "velocities relative to c ln(1 + z)")
         hdus = [primary]
         for key, image in maps.items():
             if key == "LOSVD":

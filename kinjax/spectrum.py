@@ -235,6 +235,17 @@ class Spectrum:
             self, wave=wave, flux=flux, noise=noise, mask=mask, fwhm=fwhm, velscale=velscale
         )
 
+    def crop(self, wave_min: float, wave_max: float) -> "Spectrum":
+        """The pixels with ``wave_min <= wave <= wave_max`` (observed-frame Å).
+
+        Like pPXF users' ``lam_range`` cut before fitting: crop a long spectrum (MUSE,
+        MaNGA) to the range with good templates and no sky residuals.
+        """
+        keep = _crop_index(self.wave, wave_min, wave_max, self.name or "Spectrum")
+        fwhm = self.fwhm if np.ndim(self.fwhm) == 0 else self.fwhm[keep]
+        return replace(self, wave=self.wave[keep], flux=self.flux[keep], noise=self.noise[keep],
+                       mask=self.mask[keep], fwhm=fwhm)
+
     def with_mask(self, good) -> "Spectrum":
         """Copy with ``mask = self.mask & good`` (good: (n_pix,) bool, True = keep)."""
         good = np.asarray(good, dtype=bool)
@@ -259,6 +270,18 @@ class Spectrum:
             self.wave, redshift=z, width=width, lines=lines, template_range=template_range
         )
         return self.with_mask(good)
+
+
+def _crop_index(wave, wave_min, wave_max, what) -> slice:
+    """Slice of ``wave`` within [wave_min, wave_max] Å; an error if fewer than 20 pixels are left."""
+    lo, hi = float(wave_min), float(wave_max)
+    if not (np.isfinite(lo) and np.isfinite(hi) and lo < hi):
+        raise KinjaxError(f"wavelength range must be two finite numbers lo < hi (Å), got ({wave_min}, {wave_max})")
+    i0, i1 = np.searchsorted(wave, lo, "left"), np.searchsorted(wave, hi, "right")
+    if i1 - i0 < 20:
+        raise KinjaxError(f"{what}: only {max(i1 - i0, 0)} pixels in {lo:g}-{hi:g} Å; the data cover "
+                          f"{wave[0]:.1f}-{wave[-1]:.1f} Å (observed frame)")
+    return slice(int(i0), int(i1))
 
 
 def emission_line_mask(wave, redshift=0.0, width=800.0, lines=None, *, template_range=None):

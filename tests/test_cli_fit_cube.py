@@ -82,3 +82,23 @@ def test_fit_cube_two_gaussians_writes_component_maps(tmp_path, capsys):
     assert np.all((f1 >= 0) & (f1 <= 1))
     pull = (mean_v - _truth(path)) / err
     assert np.all(np.isfinite(pull)) and np.all(np.abs(pull) < 5), pull
+
+
+def test_fit_cube_wave_range(mock_file, tmp_path, capsys):
+    """``--wave-range`` fits only that part of the cube (recorded in the header) and still recovers V."""
+    out = tmp_path / "maps.fits"
+    assert main(["fit-cube", str(mock_file), "--fwhm", "2.65", "--wave-range", "4950", "5300",
+                 "--out", str(out)]) == 0
+    with fits.open(out) as h:
+        lo, hi = h[0].header["WAVEMIN"], h[0].header["WAVEMAX"]
+        mean_v, err = h["MEAN_V"].data, h["MEAN_V_ERR"].data
+    assert 4950 <= lo < 4952 and 5298 < hi <= 5300, (lo, hi)  # the mock covers 4800-5400 Å
+    pull = (mean_v - _truth(mock_file)) / err
+    assert np.all(np.isfinite(pull)) and np.all(np.abs(pull) < 5), pull
+    # a range outside the data: one clear line, nothing written
+    bad = tmp_path / "bad.fits"
+    assert main(["fit-cube", str(mock_file), "--fwhm", "2.65", "--wave-range", "6000", "7000",
+                 "--out", str(bad)]) == 2
+    err_text = capsys.readouterr().err
+    assert "4800" in err_text and "pixels in 6000-7000" in err_text, err_text
+    assert not bad.exists()

@@ -385,3 +385,23 @@ def test_forced_format_on_the_wrong_file_names_what_is_missing(tmp_path):
         read_cube(path, "muse", fwhm=2.6)
     with pytest.raises(KinjaxError, match="missing extension.*FLUX, IVAR, WAVE"):
         read_cube(path, "manga")
+
+
+def test_crop_keeps_the_pixels_in_range_for_every_spaxel():
+    wave = np.linspace(4800.0, 5300.0, 101)  # 5 Å pixels
+    rng = np.random.default_rng(1)
+    flux = rng.normal(1.0, 0.1, (3, 101))
+    mask = np.ones((3, 101), bool)
+    mask[1, 30] = False
+    fwhm = np.linspace(2.5, 2.7, 101)
+    cube = Cube(wave, flux, 0.1, mask, np.arange(3.0), np.zeros(3), fwhm)
+    cut = cube.crop(4900.0, 5102.0)  # pixel 20 (4900 Å) to 60 (5100 Å)
+    np.testing.assert_array_equal(cut.wave, wave[20:61])
+    np.testing.assert_array_equal(cut.flux, flux[:, 20:61])
+    np.testing.assert_array_equal(cut.fwhm, fwhm[20:61])
+    assert not cut.mask[1, 10] and cut.mask.sum() == 3 * 41 - 1
+    np.testing.assert_array_equal(cut.x, cube.x)
+    with pytest.raises(KinjaxError, match="4800.0-5300.0"):
+        cube.crop(5400.0, 6000.0)
+    with pytest.raises(KinjaxError, match="lo < hi"):
+        cube.crop(5100.0, 4900.0)

@@ -201,3 +201,13 @@ def test_read_spectrum_errors(tmp_path):
         read_spectrum(p2, noise=0.1, fwhm=2.0)
     with pytest.raises(KinjaxError, match="does not exist"):
         read_spectrum(tmp_path / "nope.fits", noise=0.1, fwhm=2.0)
+
+
+def test_crop():
+    spec = _spec(n=201, fwhm=np.linspace(4.0, 4.4, 201))  # 2.5 Å pixels
+    cut = spec.crop(4900.0, 5000.0)
+    np.testing.assert_allclose(cut.wave, spec.wave[40:81])
+    np.testing.assert_array_equal(cut.flux, spec.flux[40:81])
+    np.testing.assert_array_equal(cut.fwhm, spec.fwhm[40:81])
+    with pytest.raises(KinjaxError, match="only 0 pixels"):
+        spec.crop(6000.0, 7000.0)
