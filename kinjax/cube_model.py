@@ -73,6 +73,7 @@ starts at scale 0.1 in field units, so it needs thousands of steps for V (km/s).
 from __future__ import annotations
 
 import time
+import warnings
 
 import equinox as eqx
 import jax
@@ -180,6 +181,29 @@ class GridGP(eqx.Module):
     def precision_diag(self):
         """(n,) diagonal of K⁻¹."""
         return ((self.qy**2) @ (1.0 / self.eig) @ (self.qx**2).T).reshape(-1)
+
+    def precond_matvec(self, z, lam_bar):
+        """M^½ z with M = (K⁻¹ + λ̄ I)⁻¹, the posterior covariance for a uniform data precision λ̄.
+
+        Diagonal in the Kronecker eigenbasis, so O(n^1.5); with λ̄ the typical data
+        precision it whitens the MAP objective of a full grid (see :func:`posterior_mean`).
+        """
+        return self._from(jnp.sqrt(self.eig / (1.0 + lam_bar * self.eig)) * z.reshape(self.eig.shape))
+
+    def posterior_mean(self, lam, target, lam_bar, tol=1e-10, maxiter=2000):
+        """Mean of the Gaussian posterior given data ``target`` (n,) of precision ``lam`` (n,).
+
+        Solves (K⁻¹ + Λ) x = Λ (target − m) by conjugate gradients preconditioned with
+        (K⁻¹ + λ̄ I)⁻¹ (exact in the eigenbasis); returns m + x. Nodes with ``lam = 0``
+        carry no data.
+        """
+        d = target - self.mean
+        kinv = lambda x: self._from(self._to(x) / self.eig)  # noqa: E731
+        pre = lambda x: self._from(self._to(x) * (self.eig / (1.0 + lam_bar * self.eig)))  # noqa: E731
+        from jax.scipy.sparse.linalg import cg
+
+        x, _ = cg(lambda x: kinv(x) + lam * x, lam * d, M=pre, tol=tol, maxiter=maxiter)
+        return self.mean + x
 
 
 class DenseGP(eqx.Module):
@@ -486,7 +510,7 @@ def cube_model(chi2_of_fields, xy, field_names, *, kind="matern32", amp_scales=N
 # ---------------------------------------------------------------------- driver
 def fit_cube_gp(cube, templates, *, losvd="gh", moments=4, degree=4, mdegree=0, kernel="matern32",
                 method="map", init=None, num_steps=None, seed=0, progress=True, snr_min=None,
-                velscale_ratio=2, vmax=2000.0, dense_max=2500, joint_max=6000, guide="normal", learning_rate=0.01,
+                velscale_ratio=2, vmax=2000.0, dense_max=2500, joint_max=6000, errors_dense_max=12000, guide="normal", learning_rate=0.01,
                 free_mean=True, hyper_max=600, hyper_draws=32, hyper_nodes_max=900, mask_emission=True,
                 v_mean="constant"):
     """Fit all spaxels at once with GP priors on the LOSVD parameter maps.
@@ -507,7 +531,15 @@ def fit_cube_gp(cube, templates, *, losvd="gh", moments=4, degree=4, mdegree=0, 
     seed : int
     progress : bool
     dense_max : int
-        Largest number of field nodes for dense posterior covariances.
+        Largest number of field nodes for dense algebra inside the optimiser (posterior
+        square roots as its preconditioner). Beyond it a full grid uses its Kronecker
+        structure: the start is the Gaussian posterior mean by preconditioned conjugate
+        gradients and the preconditioner is the posterior covariance for a uniform data
+        precision, both O(n^1.5) per field.
+    errors_dense_max : int
+        Above ``dense_max`` and up to this many nodes the MAP errors are each field's exact
+        Gaussian posterior variances (dense NumPy once, O(n³), 8 n² bytes); beyond it a
+        diagonal approximation, which is too small (a warning says so).
     joint_max : int
         Largest ``n_nodes * n_fields`` for the joint Laplace covariance (all fields and
         spaxels together, keeping each spaxel's correlations between parameters);
@@ -621,6 +653,10 @@ def fit_cube_gp(cube, templates, *, losvd="gh", moments=4, degree=4, mdegree=0, 
     # ---- step 2: Gaussian posterior per field (start point and preconditioner)
     priors = [_prior(geo, kernel, means[j], amps[j], scales[j], dtype) for j in range(k)]
 
+    # typical data precision of each field (mean over the nodes): sets the preconditioner of
+    # a full grid too large for dense algebra
+    lam_bar = [float(np.sum(1.0 / np.asarray(err0[:, j]) ** 2) / n_nodes) for j in range(k)]
+
     def gaussian_posterior(fields_fit, err):
         roots, variances, mus = [], [], []
         for j, prior in enumerate(priors):
@@ -629,6 +665,8 @@ def fit_cube_gp(cube, templates, *, losvd="gh", moments=4, degree=4, mdegree=0, 
             c, var = _posterior(prior, lam, geo["dense"])
             if c is not None:
                 mu = prior.mean + c @ (c.T @ (lam * (target - prior.mean)))
+            elif isinstance(prior, GridGP):  # exact, by preconditioned conjugate gradients
+                mu = prior.posterior_mean(lam, target, lam_bar[j])
             else:
                 mu = prior.mean + var * lam * (target - prior.mean)
             roots.append(c)
@@ -659,6 +697,8 @@ def fit_cube_gp(cube, templates, *, losvd="gh", moments=4, degree=4, mdegree=0, 
         for j in range(k):
             if geo["dense"]:
                 cols.append(mu[:, j] + roots[j] @ u[:, j])
+            elif isinstance(priors[j], GridGP):
+                cols.append(mu[:, j] + priors[j].precond_matvec(u[:, j], lam_bar[j]))
             else:
                 cols.append(mu[:, j] + jnp.sqrt(variances[:, j]) * u[:, j])
         return jnp.stack(cols, 1)
@@ -725,7 +765,17 @@ def fit_cube_gp(cube, templates, *, losvd="gh", moments=4, degree=4, mdegree=0, 
         cov_post = corr * sd[:, :, None] * sd[:, None, :]
         cov_post[:, :k, :k] = cov_fields
     else:
-        if method == "map":
+        if method == "map" and not geo["dense"] and n_nodes <= errors_dense_max:
+            # each field's exact Gaussian posterior variance (dense NumPy, once)
+            lam_d = np.zeros((n_nodes, k))
+            lam_d[np.asarray(data)] = 1.0 / np.asarray(err_d, float) ** 2
+            post_var = np.stack([_field_posterior_var(prior, lam_d[:, j]) for j, prior in enumerate(priors)],
+                                1)[np.asarray(data)]
+        elif method == "map":
+            if not geo["dense"]:
+                warnings.warn(f"{n_nodes} field nodes exceed errors_dense_max={errors_dense_max}: the 3D "
+                              "errors use the diagonal (Jacobi) approximation of the posterior covariance "
+                              "and are too small", RuntimeWarning, stacklevel=2)
             _, _, post_var = gaussian_posterior(_to_fields(spec, theta_fit) - offset[data], err_d)
             post_var = np.asarray(post_var)[np.asarray(data)]
         else:
@@ -839,6 +889,22 @@ def _joint_laplace(priors, cov_theta, theta, spec, data, n_nodes, mean_bases=Non
     out = cov[rows[:, None, :], rows[None, :, :]]  # (k, k, n_fit)
     out = np.moveaxis(out, -1, 0)
     return out * jac[:, :, None] * jac[:, None, :]
+
+
+def _field_posterior_var(prior, lam):
+    """(n,) diagonal of (K⁻¹ + diag(lam))⁻¹ for one field, dense in NumPy (O(n³), n² memory).
+
+    Computed as L (I + Lᵀ Λ L)⁻¹ Lᵀ with L = Q S^½ the prior's square root (stable for
+    nodes without data, ``lam = 0``).
+    """
+    from scipy.linalg import cho_factor, solve_triangular
+
+    q, eig = _eigen(prior)
+    root = q * np.sqrt(eig)
+    a = (root.T * lam) @ root
+    a[np.diag_indices_from(a)] += 1.0
+    c, _ = cho_factor(a, lower=True, overwrite_a=True)
+    return np.sum(solve_triangular(c, root.T, lower=True, overwrite_b=True) ** 2, axis=0)
 
 
 def _eigen(prior):
