@@ -38,7 +38,8 @@ peak resident memory (``resource.getrusage(RUSAGE_SELF).ru_maxrss``, which count
 buffers, unlike tracemalloc) before and after the GP fit.
 
 Run: ``python benchmarks/cube_recovery.py`` (about 30 min on 2 busy cores; ``--no-scaling``
-then ``--scaling-only`` splits it in two, ``--with-6400`` adds the 80 × 80 size); ``--markdown``
+then ``--scaling-only`` splits it in two, ``--with-6400`` adds the 80 × 80 size, ``--add-scaling 80`` runs
+one size alone and merges it into the record); ``--markdown``
 rewrites ``benchmarks/CUBE_RESULTS.md`` from the JSON; ``--quick`` is a smoke test
 (results/cube_recovery_quick.json, not recorded).
 """
@@ -520,6 +521,15 @@ def main():
         return
     if "--markdown" in args:
         print(write_markdown(json.loads(path.read_text())))
+        return
+    if "--add-scaling" in args:  # one more size, merged by side into the recorded JSON and page
+        side = int(args[args.index("--add-scaling") + 1])
+        rows = scaling((side,), 3600)
+        out = json.loads(path.read_text())
+        out["scaling"] = sorted([r for r in out.get("scaling", []) if r["side"] != side] + rows,
+                                key=lambda r: r["side"])
+        path.write_text(json.dumps(out, indent=2, default=float) + "\n")
+        write_markdown(out)
         return
     t_start = time.perf_counter()
     out = {"machine_start": machine()}

@@ -56,9 +56,16 @@ S/N 20 it lowered the RMSE of MEAN_V from 7.8 to 6.7 km/s (pooled) with coverage
 0.55, 0.69 (constant mean: 0.67, 0.69, 0.65); DISPERSION was unchanged.
 
 Dense n × n work (``eigh``) is used for the posterior covariance up to ``dense_max``
-field nodes; beyond that the preconditioner and the errors use the diagonal of the
-posterior precision (errors then slightly too small) while the prior term keeps the
-Kronecker structure. numpyro is imported only inside :func:`cube_model` and the SVI path.
+field nodes. Beyond that a full grid keeps its Kronecker structure throughout: the MAP
+starts at each field's Gaussian posterior mean given the spaxel fits (conjugate
+gradients, preconditioned by the posterior covariance for a uniform data precision λ̄,
+which is diagonal in the Kronecker eigenbasis) and L-BFGS runs in coordinates whitened by
+that same covariance; the errors are each field's exact Gaussian posterior variances
+(dense NumPy once, up to ``errors_dense_max`` nodes). On a 12 × 12 mock the grid path
+reaches the dense path's optimum (maps within 0.05 errors, errors within 2 %); the
+diagonal start and preconditioner it replaced stopped 100 L-BFGS steps short of it.
+Irregular positions beyond ``dense_max`` still use the diagonal approximation.
+numpyro is imported only inside :func:`cube_model` and the SVI path.
 
 Measured on a shared 2-core CPU (float64): the GP log-density and its gradient take
 0.18 / 0.23 / 0.48 ms for 100 / 400 / 1600 grid spaxels with the Kronecker algebra,
@@ -510,8 +517,8 @@ def cube_model(chi2_of_fields, xy, field_names, *, kind="matern32", amp_scales=N
 # ---------------------------------------------------------------------- driver
 def fit_cube_gp(cube, templates, *, losvd="gh", moments=4, degree=4, mdegree=0, kernel="matern32",
                 method="map", init=None, num_steps=None, seed=0, progress=True, snr_min=None,
-                velscale_ratio=2, vmax=2000.0, dense_max=2500, joint_max=6000, errors_dense_max=12000, guide="normal", learning_rate=0.01,
-                free_mean=True, hyper_max=600, hyper_draws=32, hyper_nodes_max=900, mask_emission=True,
+                velscale_ratio=2, vmax=2000.0, dense_max=2500, joint_max=6000, errors_dense_max=12000,
+                guide="normal", learning_rate=0.01, free_mean=True, hyper_max=600, hyper_draws=32, hyper_nodes_max=900, mask_emission=True,
                 v_mean="constant"):
     """Fit all spaxels at once with GP priors on the LOSVD parameter maps.
 
