@@ -518,8 +518,8 @@ def cube_model(chi2_of_fields, xy, field_names, *, kind="matern32", amp_scales=N
 def fit_cube_gp(cube, templates, *, losvd="gh", moments=4, degree=4, mdegree=0, kernel="matern32",
                 method="map", init=None, num_steps=None, seed=0, progress=True, snr_min=None,
                 velscale_ratio=2, vmax=2000.0, dense_max=2500, joint_max=6000, errors_dense_max=12000,
-                guide="normal", learning_rate=0.01, free_mean=True, hyper_max=600, hyper_draws=32, hyper_nodes_max=900, mask_emission=True,
-                v_mean="constant"):
+                guide="normal", learning_rate=0.01, free_mean=True, hyper_max=600, hyper_draws=32,
+                hyper_nodes_max=900, mask_emission=True, v_mean="constant"):
     """Fit all spaxels at once with GP priors on the LOSVD parameter maps.
 
     Parameters
