@@ -221,14 +221,17 @@ def main():
     print(markdown(out))
 
 
+def _estimate_table(cells, names):
+    """Posterior and Laplace rows (bias, scatter, coverage, verdict) of result cells, as a table."""
+    rows = [[c["sn"], label, *stats_cells(st)] for c in cells for label, st in
+            (("NUTS posterior (median, 16-84 %)", c["posterior"]), ("MAP + Laplace, same mocks", c["laplace"]))]
+    what = " / ".join(names)
+    return table(["S/N", "estimate", "N", f"bias ({what})", f"scatter ({what})", "abs bias / scatter",
+                  "68 % coverage", "targets"], rows)
+
+
 def markdown(out):
-    rows = []
-    for c in out["cells"]:
-        for label, s in (("NUTS posterior (median, 16-84 %)", c["posterior"]), ("MAP + Laplace, same mocks", c["laplace"])):
-            rows.append([c["sn"], label, *stats_cells(s)])
-    what = " / ".join(GH_NAMES)
-    t1 = table(["S/N", "estimate", "N", f"bias ({what})", f"scatter ({what})", "abs bias / scatter", "68 % coverage",
-                "targets"], rows)
+    t1 = _estimate_table(out["cells"], GH_NAMES)
     rows = [[c["sn"], f"{c['min_ess_median']:.0f} (min {c['min_ess_min']:.0f})", f"{c['rhat_max']:.3f}",
              f"{c['divergences_total']} in {c['mocks_with_divergences']} mocks", f"{c['seconds_median']:.1f} s",
              c["load_1"]] for c in out["cells"]]
@@ -236,33 +239,18 @@ def markdown(out):
                 "time per spectrum (MAP + NUTS)", "load (1 min)"], rows)
     text = (f"{t1}\n\nSampler diagnostics ({out['setting']}, h_prior = 0.1):\n\n{t2}\n\n"
             f"Machine: {machine_line(out['machine_start'])}; total {out['total_s'] / 60:.1f} min.")
-    c = out.get("prior_truths")
-    if c:  # python benchmarks/montecarlo_nuts.py N --prior-truths
-        rows = [[c["sn"], label, *stats_cells(st)] for label, st in
-                (("NUTS posterior (median, 16-84 %)", c["posterior"]), ("MAP + Laplace, same mocks", c["laplace"]))]
-        t3 = table(["S/N", "estimate", "N", f"bias ({what})", f"scatter ({what})", "abs bias / scatter",
-                    "68 % coverage", "targets"], rows)
-        text += (f"\n\n**Truths drawn from the prior** (h3, h4 ~ Normal(0, 0.1) clipped to ±0.29; V, σ as above; "
-                 f"`--prior-truths`): min-ESS median {c['min_ess_median']:.0f} (min {c['min_ess_min']:.0f}), max R-hat "
-                 f"{c['rhat_max']:.3f}, {c['divergences_total']} divergences, {c['seconds_median']:.1f} s per spectrum; "
-                 f"{machine_line(c['machine'])}; total {c['total_s'] / 60:.1f} min.\n\n{t3}")
-    c = out.get("more_sn30")
-    if c:  # python benchmarks/montecarlo_nuts.py N --more
-        rows = [[c["sn"], label, *stats_cells(st)] for label, st in
-                (("NUTS posterior (median, 16-84 %)", c["posterior"]), ("MAP + Laplace, same mocks", c["laplace"]))]
-        t5 = table(["S/N", "estimate", "N", f"bias ({what})", f"scatter ({what})", "abs bias / scatter",
-                    "68 % coverage", "targets"], rows)
-        text += (f"\n\n**More S/N-30 mocks** (`--more`: drawn like the issue's, new seed): min-ESS median "
-                 f"{c['min_ess_median']:.0f} (min {c['min_ess_min']:.0f}), max R-hat {c['rhat_max']:.3f}, "
-                 f"{c['divergences_total']} divergences, {c['seconds_median']:.1f} s per spectrum; "
-                 f"{machine_line(c['machine'])}; total {c['total_s'] / 60:.1f} min.\n\n{t5}")
+    for key, title in (("prior_truths", "**Truths drawn from the prior** (h3, h4 ~ Normal(0, 0.1) clipped to ±0.29; "
+                                         "V, σ as above; `--prior-truths`)"),
+                       ("more_sn30", "**More S/N-30 mocks** (`--more`: drawn like the issue's, new seed)")):
+        c = out.get(key)
+        if c:
+            text += (f"\n\n{title}: min-ESS median {c['min_ess_median']:.0f} (min {c['min_ess_min']:.0f}), max R-hat "
+                     f"{c['rhat_max']:.3f}, {c['divergences_total']} divergences, {c['seconds_median']:.1f} s per "
+                     f"spectrum; {machine_line(c['machine'])}; total {c['total_s'] / 60:.1f} min.\n\n"
+                     f"{_estimate_table([c], GH_NAMES)}")
     cells = out.get("se_cells")
     if cells:  # python benchmarks/montecarlo_nuts.py --se
-        rows = [[c["sn"], label, *stats_cells(st)] for c in cells for label, st in
-                (("NUTS posterior (median, 16-84 %)", c["posterior"]), ("MAP + Laplace, same mocks", c["laplace"]))]
-        se_what = " / ".join(SE_NAMES)
-        t4 = table(["S/N", "estimate", "N", f"bias ({se_what})", f"scatter ({se_what})", "abs bias / scatter",
-                    "68 % coverage", "targets"], rows)
+        t4 = _estimate_table(cells, SE_NAMES)
         diag = "; ".join(f"S/N {c['sn']}: min-ESS median {c['min_ess_median']:.0f} (min {c['min_ess_min']:.0f}), "
                          f"max R-hat {c['rhat_max']:.3f}, {c['divergences_total']} divergences in "
                          f"{c['mocks_with_divergences']} mocks, {c['seconds_median']:.1f} s per spectrum" for c in cells)
