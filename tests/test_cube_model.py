@@ -1,6 +1,5 @@
 """The 3D model: Kronecker GP algebra against tinygp, and the GP fit against spaxel-by-spaxel."""
 
-import warnings
 
 import jax.numpy as jnp
 import numpy as np
@@ -138,8 +137,7 @@ def test_cube_fits_in_float32_match_float64():
     """With 64-bit types off (what accelerators run fastest) the whole cube pipeline runs,
     and on a well-conditioned problem (three dissimilar synthetic templates) the spaxel and
     3D fits give the float64 answer to a fraction of their errors (measured: median 0.045,
-    largest 0.51 error bars). With many similar templates (E-MILES) the float32 NNLS is not
-    accurate enough, and kinjax warns (next test)."""
+    largest 0.51 error bars). E-MILES in float32: tests/test_linear.py and test_fit.py."""
     import jax
 
     from kinjax.cube_fit import fit_cube_spaxels
@@ -148,8 +146,7 @@ def test_cube_fits_in_float32_match_float64():
     cube, truth, tpl = make_test_cube(shape=(5, 5))
     fits = {}
     for x64 in (True, False):
-        with jax.enable_x64(x64), warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # the single-precision NNLS warning
+        with jax.enable_x64(x64):
             spax = fit_cube_spaxels(cube, tpl, vmax=1000.0, progress=False)
             fits[x64] = (spax, fit_cube_gp(cube, tpl, vmax=1000.0, init=spax, progress=False))
     for f64, f32 in zip(fits[True], fits[False]):
@@ -158,17 +155,6 @@ def test_cube_fits_in_float32_match_float64():
         pull = np.abs(f32.theta[:, :2] - f64.theta[:, :2]) / f64.theta_err[:, :2]
         assert np.median(pull) < 0.1 and pull.max() < 0.75, (np.median(pull), pull.max())
         np.testing.assert_allclose(f32.theta_err[:, :2], f64.theta_err[:, :2], rtol=0.2)
-
-
-def test_single_precision_nnls_warns():
-    import jax
-
-    from kinjax.linear import solve_linear
-
-    A = np.random.default_rng(0).uniform(size=(30, 4))
-    with jax.enable_x64(False), pytest.warns(RuntimeWarning, match="single precision"):
-        solve_linear(jnp.asarray(A, jnp.float32), jnp.ones(30, jnp.float32), jnp.ones(30, jnp.float32),
-                     jnp.ones(4, bool))
 
 
 def test_gp_fit_survives_a_spaxel_without_errors():
