@@ -18,6 +18,7 @@ SECTIONS = (
     ("ngc4550", "NGC 4550: pPXF 8.2.6 and kinjax side by side"),
     ("montecarlo", "Monte Carlo on mock spectra"),
     ("montecarlo_nuts", "Monte Carlo: calibration of the NUTS posteriors"),
+    ("precision", "Single vs double precision"),
 )
 
 
