@@ -304,7 +304,7 @@ def losvd_summaries(spec, theta, cov, velocity, key, n_draws=N_DRAWS):
 def _summaries(key, velocity, theta, cov, keys, n_draws):
     spec = _SPECS[key]
     k = spec.n_params
-    lower, upper = jnp.asarray(spec.lower), jnp.asarray(spec.upper)
+    lower, upper = jnp.asarray(spec.lower, theta.dtype), jnp.asarray(spec.upper, theta.dtype)
 
     def moments(th):
         return jnp.stack(grid_moments(spec.build(th).pdf(velocity), velocity))
