@@ -232,7 +232,7 @@ def spec_key(spec) -> tuple:
     opts = tuple(sorted((k, np.asarray(v).tobytes() if isinstance(v, np.ndarray) else v)
                         for k, v in spec.options.items()))
     key = (spec.family, tuple(spec.names), np.asarray(spec.lower).tobytes(),
-           np.asarray(spec.upper).tobytes(), float(spec.smoothness), spec.h_prior, opts)
+           np.asarray(spec.upper).tobytes(), float(spec.smoothness), spec.h_prior, spec.se_prior, opts)
     _SPECS.setdefault(key, spec)
     return key
 

@@ -9,7 +9,9 @@ Default bounds (also the support of the flat priors of the numpyro models):
 =============  ==========================================================
 Gauss–Hermite  V ∈ [−2000, 2000] km/s, σ ∈ [5, 1000] km/s, h_m ∈ [−0.3, 0.3],
                and a Normal(0, ``h_prior`` = 0.1) prior on each h_m
-Sanders–Evans  V, σ as above, σ_K ∈ [0.01, 10], δ ∈ (−δ_max, δ_max), κ ∈ [−1, 1]
+Sanders–Evans  V, σ as above, σ_K ∈ [0.01, 10], δ ∈ (−δ_max, δ_max), κ ∈ [−1, 1],
+               and weak priors on the shape: σ_K ~ HalfNormal(1), δ ~ Normal(0, 0.3),
+               κ ~ Normal(0, 1) (``se_prior``)
 Histogram      logits ∈ [−30, 30] on a uniform grid of bins of width ``dv``
 Two Gaussians  V1, V2 ∈ [−2000, 2000] km/s, σ1, σ2 ∈ [5, 1000] km/s, the first
                component's light fraction f1 ∈ [0, 1]; weak priors
@@ -31,6 +33,15 @@ bounds. Observed LOSVDs rarely have ``abs(h_m) > 0.15``; Normal(0, 0.1) removes 
 unphysical tail while moving a well-measured h_m by a fraction of its error. The MAP
 fit uses the same prior (it is the posterior mode); ``h_prior=None`` gives flat priors
 (the equivalent of pPXF with ``bias=0``).
+
+Why priors on the Sanders–Evans shape: the data fix the core of the LOSVD, not its wings,
+and with flat priors the fits of noisy spectra put the light in the wings — at S/N 30
+most MAP fits ran to σ_K = 10 (the bound: a Laplace-shaped LOSVD whose second moment is
+set by unconstrained wings), and the dispersion came out biased high by 0.4 of its scatter
+(benchmarks/RESULTS.md). σ_K is the kernel's share of the width (excess kurtosis up to
+3 (σ_K²/(1+σ_K²))² for the Laplace kernel), so HalfNormal(1) plays the part of the
+Normal(0, 0.1) prior on h4; δ and κ get priors of similar reach so that they stay
+identified when σ_K is small. ``se_prior=None`` gives flat priors.
 """
 
 from __future__ import annotations
@@ -86,6 +97,9 @@ class LosvdSpec:
         random-walk prior as in BAYES-LOSVD).
     h_prior : float or None
         Gauss–Hermite only: standard deviation of the Normal prior on each h_m.
+    se_prior : tuple of float or None
+        Sanders–Evans only: prior scales of (σ_K, δ, κ) (half-normal on σ_K, Normal
+        with zero mean on δ and κ); None: flat.
     """
 
     family: str
@@ -95,6 +109,7 @@ class LosvdSpec:
     options: dict = field(default_factory=dict)
     smoothness: float = 0.5
     h_prior: float | None = None
+    se_prior: tuple | None = None
 
     @property
     def n_params(self) -> int:
@@ -127,12 +142,16 @@ class LosvdSpec:
     def prior_residuals(self, theta):
         """Residuals whose half sum of squares is −log prior (beyond the bounds).
 
-        Gauss–Hermite: h_m / h_prior (none with ``h_prior=None``); Sanders–Evans: none
-        (flat within the bounds); histogram: the random walk on the logits plus a weak
-        anchor on their mean.
+        Gauss–Hermite: h_m / h_prior (none with ``h_prior=None``); Sanders–Evans:
+        (σ_K, δ, κ) / se_prior (κ only for the mixture kernel; none with
+        ``se_prior=None``); histogram: the random walk on the logits plus a weak anchor
+        on their mean.
         """
         if self.family == "gh" and self.h_prior is not None:
             return jnp.asarray(theta)[2:] / self.h_prior
+        if self.family == "se" and self.se_prior is not None:
+            shape = jnp.asarray(theta)[2:]
+            return shape / jnp.asarray(self.se_prior[:shape.shape[0]], shape.dtype)
         if self.family == "gauss2":
             theta = jnp.asarray(theta)
             return jnp.stack([theta[0] / 1000.0, theta[2] / 1000.0, (jnp.log(theta[1]) - np.log(100.0)) / 0.7,
@@ -222,6 +241,7 @@ def losvd_spec(
     velscale: float | None = None,
     smoothness: float = 0.5,
     h_prior: float | None = 0.1,
+    se_prior: tuple | None = (1.0, 0.3, 1.0),
 ) -> LosvdSpec:
     """Set up a LOSVD family for fitting.
 
@@ -241,6 +261,8 @@ def losvd_spec(
         Histogram: scale of the random-walk prior on neighbouring logits.
     h_prior : float or None
         Gauss–Hermite: scale of the Normal prior on each h_m (None: flat).
+    se_prior : tuple of float or None
+        Sanders–Evans: prior scales of (σ_K, δ, κ) (None: flat).
     """
     if family == "gh":
         names = GaussHermite.parameter_names(moments)
@@ -253,7 +275,8 @@ def losvd_spec(
         lower, upper = lower.copy(), upper.copy()
         lower[3] *= 0.999
         upper[3] *= 0.999
-        return LosvdSpec("se", names, lower, upper, {"kernel": kernel})
+        prior = None if se_prior is None else tuple(float(x) for x in se_prior)
+        return LosvdSpec("se", names, lower, upper, {"kernel": kernel}, se_prior=prior)
     if family == "gauss2":
         names = ("v1", "sigma1", "v2", "sigma2", "f1")
         (v_lo, s_lo), (v_hi, s_hi) = GaussHermite.default_bounds(2)

@@ -219,3 +219,14 @@ def test_ngc4550_map_in_float32_matches_float64(map_result):
         assert abs(s32[name] - s64[name]) < 0.05 * s64[f"{name}_err"], (name, s32[name], s64[name])
         assert s32[f"{name}_err"] == pytest.approx(s64[f"{name}_err"], rel=0.02)
     assert s32["chi2_dof"] == pytest.approx(s64["chi2_dof"], rel=1e-3)
+
+
+def test_sanders_evans_shape_prior():
+    """Default SE priors: σ_K ~ HalfNormal(1), δ ~ N(0, 0.3), κ ~ N(0, 1) as residuals
+    whose half sum of squares is −log prior; flat with se_prior=None; no κ for one kernel."""
+    from kinjax.family import losvd_spec
+
+    theta = np.array([10.0, 150.0, 0.5, -0.15, 0.4])
+    np.testing.assert_allclose(np.asarray(losvd_spec("se").prior_residuals(theta)), [0.5, -0.5, 0.4])
+    assert np.asarray(losvd_spec("se", se_prior=None).prior_residuals(theta)).size == 0
+    np.testing.assert_allclose(np.asarray(losvd_spec("se", kernel="laplace").prior_residuals(theta[:4])), [0.5, -0.5])
