@@ -13,7 +13,7 @@ S/N = 10, 30, 100. kinjax: one ``FitSetup`` per prior from ``ngc4550()`` (float6
 truths are fitted with the GH family (4 moments) twice, with a flat prior on h3, h4
 (``h_prior=None``, like pPXF's ``bias=0``) and with kinjax's default Normal(0, 0.1) prior
 (``h_prior=0.1``); SE truths with the SE family (its V and σ *are* the mean and
-dispersion). Errors are the Laplace ones, sqrt(diag(cov)). Spectra are fitted one by one
+dispersion; default weak shape priors since session 6, see ``kinjax.family``). Errors are the Laplace ones, sqrt(diag(cov)). Spectra are fitted one by one
 by the jitted single-spectrum ``fitter`` (LM from the grid-scan start and from
 (0, 150) km/s, the better kept: what ``fit_spectrum`` does) in a Python loop (on CPU
 faster than ``jax.vmap``, which runs every lane of the Levenberg-Marquardt while-loop to

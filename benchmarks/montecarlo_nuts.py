@@ -132,11 +132,12 @@ def prior_truths(n, sn=30, h_from_prior=True):
 def se_cells(n_gh=50, n_se=24):
     """NUTS posteriors for montecarlo.py's Sanders-Evans mocks (S/N 30 and 100).
 
-    The SE Laplace errors of the dispersion over-cover (0.92 at S/N 30 and 100): the
-    linearisation misses the curvature of the flat (σ, σ_K, κ) valley. This replays the
+    Written when the SE fits had flat priors and their Laplace errors of the dispersion
+    over-covered (0.92 at S/N 30 and 100; session 6 gave the shape weak priors, see
+    ``kinjax.family``). This replays the
     random draws of ``montecarlo.py 50 24`` (its Gauss-Hermite cells come first), so the
     mocks are that run's 24 per S/N, fits each with the SE family's MAP and then NUTS (4 x (300 + 250), the
-    linear parameters profiled, uniform priors within the bounds), and scores the mean V and
+    linear parameters profiled, the family's default priors), and scores the mean V and
     dispersion (θ[0], θ[1] of the SE family). Result added to the recorded JSON as
     ``se_cells`` (the other cells are kept). Slow: in session 5 the second mock took more
     than 2 minutes (the valley makes long trajectories) and the run was stopped, so nothing
