@@ -30,11 +30,16 @@ def normal_equations(A, y, weights):
     scale : (n_lin,) column norms; the solution of the scaled system divided by
         ``scale`` solves the original one.
     """
+    As, scale = _scaled_columns(A, weights)
+    return As.T @ As, As.T @ (y * weights), scale
+
+
+def _scaled_columns(A, weights):
+    """``(W A) / scale`` with unit column norms (zero columns left as they are), and ``scale``."""
     Aw = A * weights[:, None]
     scale = jnp.sqrt(jnp.sum(Aw**2, axis=0))
     scale = jnp.where(scale > 0, scale, 1.0)
-    As = Aw / scale
-    return As.T @ As, As.T @ (y * weights), scale
+    return Aw / scale, scale
 
 
 def _masked_solve(gram, rhs, passive):
@@ -96,13 +101,11 @@ def qr_reduce(A, y, weights):
     -------
     R : (n_lin, n_lin) upper triangular; q : (n_lin,); scale : (n_lin,)
     """
-    Aw = A * weights[:, None]
-    scale = jnp.sqrt(jnp.sum(Aw**2, axis=0))
-    scale = jnp.where(scale > 0, scale, 1.0)
+    As, scale = _scaled_columns(A, weights)
     n = A.shape[1]
     # R of [As | W y] holds R and q = Qᵀ W y without forming Q (XLA:CPU forms Q ~100x
     # slower than it factorises)
-    r = jnp.linalg.qr(jnp.concatenate([Aw / scale, (y * weights)[:, None]], axis=1), mode="r")
+    r = jnp.linalg.qr(jnp.concatenate([As, (y * weights)[:, None]], axis=1), mode="r")
     return r[:n, :n], r[:n, n], scale
 
 
