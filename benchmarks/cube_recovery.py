@@ -218,7 +218,7 @@ def recovery(shape, snrs, presets, save=None):
         seed = 100 * p_i + s_i + 10 * rep
         t0 = time.perf_counter()
         mock = make_cube(preset, snr, shape, seed)
-        cube = mock.cube.log_rebin()
+        cube = mock.cube.log_rebin(rebin_lsf=True)
         t_mock = time.perf_counter() - t0
         if tpl is None:
             # pPXF asks for templates covering the galaxy ±2900 km/s (it cuts them itself): vmax=3000
@@ -288,7 +288,7 @@ def scaling_one(side, snr=50.0):
     t0 = time.perf_counter()
     mock = make_cube("rotating_disc_with_bulge", snr, (side, side), 7, wave_range=SCALING_WAVE,
                      pixel_scale=SCALING_FIELD / side)
-    cube = mock.cube.log_rebin()
+    cube = mock.cube.log_rebin(rebin_lsf=True)
     t_mock = time.perf_counter() - t0
     rss_mock = maxrss_mb()
     t0 = time.perf_counter()

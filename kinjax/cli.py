@@ -206,6 +206,8 @@ def _cmd_fit(args) -> int:
         noise = args.noise
     if args.wave_range is not None:
         spectrum = spectrum.crop(*args.wave_range)
+    if args.rebin_lsf and not spectrum.is_log:
+        spectrum = spectrum.log_rebin(rebin_lsf=True)
     result = fit_spectrum(
         spectrum, losvd=args.losvd, moments=args.moments, degree=args.degree, mdegree=args.mdegree,
         noise=noise, method=args.method, seed=args.seed, mask_emission=not args.no_mask_emission, n_pca=args.pca,
@@ -244,6 +246,8 @@ def _cmd_fit_cube(args) -> int:
     cube = read_cube(args.target, args.format, fwhm=args.fwhm, redshift=args.redshift)
     if args.wave_range is not None:
         cube = cube.crop(*args.wave_range)
+    if cube.velscale is None:
+        cube = cube.log_rebin(rebin_lsf=not args.nominal_fwhm)
     templates = load_emiles()
     common = dict(losvd=args.losvd, moments=args.moments, degree=args.degree, mdegree=args.mdegree,
                   snr_min=args.snr_min, seed=args.seed, progress=True, mask_emission=not args.no_mask_emission)
@@ -299,6 +303,9 @@ def _build_parser() -> argparse.ArgumentParser:
                      help="compress the templates to N principal components (unconstrained weights)")
     fit.add_argument("--seed", type=int, default=0, help="random seed")
     fit.add_argument("--no-mask-emission", action="store_true", help="do not mask emission lines")
+    fit.add_argument("--rebin-lsf", action="store_true",
+                     help="add the linear pixel's boxcar to --fwhm when log-rebinning (see kinjax.rebin; "
+                          "default: --fwhm as given, pPXF's convention)")
     fit.add_argument("--wave-range", type=float, nargs=2, default=None, metavar=("LO", "HI"),
                      help="fit only LO-HI Å (observed frame; default: the whole spectrum)")
     fit.add_argument("--float32", action="store_true",
@@ -328,6 +335,9 @@ def _build_parser() -> argparse.ArgumentParser:
     fc.add_argument("--snr-min", type=float, default=None, help="skip spaxels with median S/N below this")
     fc.add_argument("--seed", type=int, default=0, help="random seed")
     fc.add_argument("--no-mask-emission", action="store_true", help="do not mask emission lines")
+    fc.add_argument("--nominal-fwhm", action="store_true",
+                    help="use --fwhm as the LSF of the log-rebinned cube (pPXF's convention); by default the "
+                         "linear pixel's boxcar is added, which log-rebinning convolves in (see kinjax.rebin)")
     fc.add_argument("--wave-range", type=float, nargs=2, default=None, metavar=("LO", "HI"),
                     help="fit only LO-HI Å (observed frame), e.g. 4750 5500 for MUSE (default: the whole cube)")
     fc.add_argument("--v-mean", choices=["constant", "rotation"], default="constant",

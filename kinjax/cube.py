@@ -228,7 +228,7 @@ class Cube:
             out[valid] = np.nanmedian(ratio[valid], axis=1)
         return out
 
-    def log_rebin(self, velscale: float | None = None) -> "Cube":
+    def log_rebin(self, velscale: float | None = None, *, rebin_lsf: bool = False) -> "Cube":
         """Rebin every spaxel onto a ln λ grid at once (`kinjax.rebin.log_rebin`).
 
         Flux is the mean flux density per new pixel and the variance is propagated.
@@ -238,6 +238,10 @@ class Cube:
         ----------
         velscale : float, optional
             km/s per output pixel; default keeps the number of pixels.
+        rebin_lsf : bool
+            Record the rebinned data's effective FWHM (:func:`kinjax.rebin.rebinned_fwhm`:
+            the input pixel's boxcar added in quadrature) instead of ``fwhm`` as given.
+            The cube fits log-rebin with True.
 
         Returns
         -------
@@ -245,7 +249,7 @@ class Cube:
             With ``wave = exp(ln_wave)`` (Å) and ``velscale`` set; a wavelength-dependent
             ``fwhm`` is interpolated onto the new grid.
         """
-        from kinjax.rebin import log_rebin
+        from kinjax.rebin import carried_fwhm, log_rebin
 
         # bad pixels enter as NaN: log_rebin makes every output bin they touch non-finite
         flux = np.where(self.mask, self.flux, np.nan)
@@ -253,9 +257,7 @@ class Cube:
         ln_wave, flux_new, var_new, velscale = log_rebin(self.wave, flux, velscale, variance=var)
         mask_new = np.isfinite(flux_new) & np.isfinite(var_new)
         wave_new = np.exp(ln_wave)
-        fwhm = self.fwhm
-        if isinstance(fwhm, np.ndarray):
-            fwhm = np.interp(wave_new, self.wave, fwhm)
+        fwhm = carried_fwhm(self.wave, self.fwhm, wave_new, rebin_lsf)
         with np.errstate(invalid="ignore"):
             noise_new = np.sqrt(var_new)  # NaN where masked: replaced on construction
         return replace(self, wave=wave_new, flux=flux_new, noise=noise_new, mask=mask_new,

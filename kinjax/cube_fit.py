@@ -193,8 +193,8 @@ def prepare_cube(cube, templates, *, snr_min=None, velscale_ratio=2, vmax=2000.0
 
     if not isinstance(cube, Cube):
         raise KinjaxError(f"expected a kinjax Cube, got {type(cube).__name__}")
-    if cube.velscale is None:
-        cube = cube.log_rebin()
+    if cube.velscale is None:  # the rebinned cube's LSF includes the linear pixel's boxcar (kinjax.rebin)
+        cube = cube.log_rebin(rebin_lsf=True)
     use = np.asarray(cube.valid, bool).copy()
     if snr_min is not None:
         with np.errstate(invalid="ignore"):

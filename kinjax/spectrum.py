@@ -9,7 +9,7 @@ import numpy as np
 
 from kinjax.constants import C_KMS
 from kinjax.errors import KinjaxError
-from kinjax.rebin import log_rebin_matrix
+from kinjax.rebin import carried_fwhm, log_rebin_matrix
 
 __all__ = [
     "Spectrum",
@@ -206,13 +206,17 @@ class Spectrum:
         return self.velscale is not None
 
     # -- derived spectra ------------------------------------------------------------
-    def log_rebin(self, velscale=None, **kwargs) -> "Spectrum":
+    def log_rebin(self, velscale=None, *, rebin_lsf=False, **kwargs) -> "Spectrum":
         """Flux-conserving rebinning onto a ln λ grid (see ``kinjax.rebin.log_rebin``).
 
         Parameters
         ----------
         velscale : float, optional
             km/s per output pixel; ``None`` keeps the number of pixels.
+        rebin_lsf : bool
+            Record the rebinned data's effective FWHM (:func:`kinjax.rebin.rebinned_fwhm`:
+            the input pixel's boxcar added in quadrature, unless the grid is unchanged)
+            instead of keeping ``fwhm`` as given (pPXF's convention, the default).
         **kwargs
             ``ln_edge_start``, ``n_out`` as in ``kinjax.rebin.log_rebin``.
 
@@ -230,7 +234,7 @@ class Spectrum:
         touched_bad = w @ (~self.mask).astype(np.float64)
         mask = touched_bad == 0
         wave = np.exp(ln_wave)
-        fwhm = self.fwhm if np.ndim(self.fwhm) == 0 else np.interp(wave, self.wave, self.fwhm)
+        fwhm = carried_fwhm(self.wave, self.fwhm, wave, rebin_lsf)
         return replace(
             self, wave=wave, flux=flux, noise=noise, mask=mask, fwhm=fwhm, velscale=velscale
         )

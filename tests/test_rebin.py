@@ -5,7 +5,7 @@ import pytest
 
 from kinjax.constants import C_KMS
 from kinjax.errors import KinjaxError
-from kinjax.rebin import log_rebin, pixel_edges
+from kinjax.rebin import log_rebin, log_rebin_matrix, pixel_edges
 
 
 def _step_reference(wave, flux, new_edges):
@@ -122,3 +122,23 @@ def test_against_ppxf(uniform, velscale):
     np.testing.assert_allclose(vs, vs_ref, rtol=1e-12)
     np.testing.assert_allclose(ln_wave[:m], ln_ref[:m], atol=1e-12)
     np.testing.assert_allclose(new[:, :m], ref.T[:, :m], rtol=1e-9)
+
+
+def test_rebinned_fwhm_adds_the_input_pixel_boxcar():
+    """Linear pixels of Δλ: FWHM² + 8 ln 2 Δλ²/12 (a scalar); the input's own grid: unchanged;
+    ``carried_fwhm`` keeps the nominal FWHM unless asked (pPXF's convention)."""
+    from kinjax.rebin import carried_fwhm, rebinned_fwhm
+
+    wave = np.arange(4800.0, 5400.0, 1.25)
+    ln_wave = log_rebin_matrix(wave)[0]
+    out = rebinned_fwhm(wave, 2.65, np.exp(ln_wave))
+    assert isinstance(out, float)
+    assert out == pytest.approx(np.sqrt(2.65**2 + 8 * np.log(2) * 1.25**2 / 12), rel=1e-12)  # 2.7844 Å
+    assert rebinned_fwhm(wave, 2.65, wave) == 2.65
+    fwhm_arr = np.linspace(2.5, 3.0, wave.size)
+    np.testing.assert_allclose(rebinned_fwhm(wave, fwhm_arr, wave), fwhm_arr)
+    arr = rebinned_fwhm(wave, fwhm_arr, np.exp(ln_wave))
+    np.testing.assert_allclose(arr**2 - np.interp(np.exp(ln_wave), wave, fwhm_arr) ** 2,
+                               8 * np.log(2) * 1.25**2 / 12, rtol=1e-9)
+    assert carried_fwhm(wave, 2.65, np.exp(ln_wave), False) == 2.65
+    assert carried_fwhm(wave, None, np.exp(ln_wave), True) is None
