@@ -217,8 +217,10 @@ def prepare_cube(cube, templates, *, snr_min=None, velscale_ratio=2, vmax=2000.0
     first = cube.spectrum(int(np.flatnonzero(use)[0]))
     tpl = prepare_templates(templates, first, velscale_ratio=velscale_ratio, vmax=vmax)
     # the model only uses the wavelength grid; the per-spaxel mask enters through weights
-    forward = make_forward_model(tpl, first, degree=degree, mdegree=mdegree, vmax=vmax, dtype=dtype)
     spec = losvd_spec(losvd, moments=moments, velscale=cube.velscale)
+    # one template set per kinematic component (two Gaussians: a population for each)
+    forward = make_forward_model((tpl,) * spec.n_components, first, degree=degree, mdegree=mdegree, vmax=vmax,
+                                 dtype=dtype)
     return cube, use, forward, spec
 
 

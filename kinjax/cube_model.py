@@ -280,8 +280,8 @@ def make_profiled_chi2(forward, spec, mdegree=0):
 
     def chi2(theta, y, w, passive=None):
         fixed = jax.lax.stop_gradient(theta)
-        a = forward.design_matrix(spec.build(fixed[:k]), fixed[k:] if mdegree else None)
-        x = jax.lax.stop_gradient(solve_linear(a, y, w, nonneg, passive))
+        system = forward.linear_system(spec.build(fixed[:k]), y, w, fixed[k:] if mdegree else None)
+        x = jax.lax.stop_gradient(solve_linear(*system, nonneg, passive))
         # the model with x fixed: one mixed template per spectrum, so differentiating
         # costs one FFT rather than one per template
         model = forward(spec.build(theta[:k]), x[:n_t], x[n_t:], theta[k:] if mdegree else None)
@@ -301,7 +301,7 @@ def _linear_support(forward, spec, mdegree):
 
     def support(theta, y, w):
         mult = theta[k:] if mdegree else None
-        x = solve_linear(forward.design_matrix(spec.build(theta[:k]), mult), y, w, nonneg)
+        x = solve_linear(*forward.linear_system(spec.build(theta[:k]), y, w, mult), nonneg)
         return (x != 0) | ~nonneg
 
     return support

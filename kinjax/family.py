@@ -19,9 +19,13 @@ Two Gaussians  V1, V2 ∈ [−2000, 2000] km/s, σ1, σ2 ∈ [5, 1000] km/s, the
                f1 ~ Normal(0.5, 0.5)
 =============  ==========================================================
 
-The two-Gaussian family (``"gauss2"``) is a LOSVD made of two Gaussians of the same
-stellar population: the double-peaked LOSVDs of counter-rotating discs, which the
-four-moment Gauss–Hermite series cannot represent. Its weak priors keep a component
+The two-Gaussian family (``"gauss2"``) is a LOSVD made of two Gaussians, each with its
+own template mix (pPXF's two-component fit, both from the same library): the
+double-peaked LOSVDs of counter-rotating discs, which the four-moment Gauss–Hermite
+series cannot represent, and whose discs usually differ in age. ``f1`` is the light
+fraction of the first component: the forward model convolves component ``c``'s templates
+with ``f_c L_c`` and the linear solve keeps the two mixes at equal light
+(:meth:`kinjax.forward.ForwardModel.linear_system`). Its weak priors keep a component
 whose light fraction goes to zero from wandering off (the posterior stays proper and
 the Laplace covariance finite); the labels are exchangeable (swapping the components
 and f1 ↔ 1 − f1 gives the same LOSVD), so read its mean velocity and dispersion (which
@@ -160,6 +164,11 @@ class LosvdSpec:
             return jnp.zeros(0, dtype=jnp.asarray(theta).dtype)
         diff = jnp.diff(theta) / self.smoothness
         return jnp.concatenate([diff, jnp.mean(theta)[None] / 10.0])
+
+    @property
+    def n_components(self) -> int:
+        """Kinematic components, each with its own template mix (two Gaussians: 2)."""
+        return 2 if self.family == "gauss2" else 1
 
     @property
     def log_scale(self) -> np.ndarray:

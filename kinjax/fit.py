@@ -137,7 +137,7 @@ def setup_fit(
         raise KinjaxError(f"only {spectrum.n_good} unmasked pixels left: check the mask and the wavelength range")
     spec = losvd_spec(losvd, moments=moments, kernel=kernel, vmax=hist_vmax, dv=hist_dv, velscale=spectrum.velscale,
                       h_prior=h_prior)
-    forward = make_forward_model(templates, spectrum, degree=degree, mdegree=mdegree, vmax=vmax)
+    forward = make_forward_model((templates,) * spec.n_components, spectrum, degree=degree, mdegree=mdegree, vmax=vmax)
     return FitSetup(spectrum, templates, forward, spec, nonneg=n_pca is None)
 
 
@@ -355,7 +355,7 @@ def _solve_at(fm, spec, nonneg_templates, y, w, theta):
 
     losvd, mult = _split(fm, spec, theta)
     nonneg = (np.arange(fm.n_templates + fm.degree + 1) < fm.n_templates) & nonneg_templates
-    return solve_linear(fm.design_matrix(losvd, mult), y, w, nonneg)
+    return solve_linear(*fm.linear_system(losvd, y, w, mult), nonneg)
 
 
 #: Templates kept for NUTS: the MAP's non-zero ones, at most this many (a fixed number, so
@@ -387,7 +387,7 @@ def nuts_inputs(fm: ForwardModel, spec: LosvdSpec, sol, nonneg: bool = True):
         # same shapes for every spectrum: unused slots are dropped by LinearTerms.use
         fm_sub = ForwardModel(
             template_fft=fm.template_fft[order], omega=fm.omega, phase=fm.phase, index=fm.index,
-            additive=fm.additive, multiplicative=fm.multiplicative, goodpixels=fm.goodpixels,
+            additive=fm.additive, multiplicative=fm.multiplicative, goodpixels=fm.goodpixels, light=fm.light[order],
             n_pad=fm.n_pad, velscale=fm.velscale, velscale_ratio=fm.velscale_ratio,
             component_sizes=(n_keep,), vmax=fm.vmax,
         )

@@ -17,6 +17,16 @@ that fall into each galaxy pixel. The sub-pixel offset between the template and 
 grids (including the systemic redshift) is applied exactly as a phase shift, so no
 interpolation is needed.
 
+**Components with a common light budget.** A :class:`~kinjax.losvd.Mixture` given to a
+model with as many kinematic components as the mixture has members is split over them:
+component ``c`` is convolved with ``f_c L_c`` (pPXF's multi-component fit, e.g. two
+counter-rotating discs each with its own template mix). The fractions ``f_c`` are then the
+light fractions of the components provided every component's template weights carry the
+same light, ``sum_t w_ct m_t`` equal for all ``c`` (``m_t`` the mean flux of template ``t``
+over the galaxy pixels); :meth:`ForwardModel.linear_system` appends these equalities as
+heavily weighted rows of the linear least-squares problem (like pPXF's ``constr_templ``
+equality constraints), which the NNLS then meets to ~1e-5 relative.
+
 All methods are pure and jit-compatible; batches of spectra use ``jax.vmap`` over the
 parameters.
 """
@@ -32,6 +42,7 @@ from scipy.fft import next_fast_len
 
 from kinjax.constants import C_KMS
 from kinjax.errors import KinjaxError
+from kinjax.losvd import Mixture
 
 __all__ = ["ForwardModel", "make_forward_model", "legendre_basis"]
 
@@ -68,6 +79,8 @@ class ForwardModel(eqx.Module):
         Multiplicative Legendre polynomials P_1..P_mdegree.
     goodpixels : (n_pix,) bool
         The spectrum's mask (True = fitted pixel).
+    light : (n_templates,)
+        Mean flux of each template over the galaxy pixels (the light a unit weight adds).
     n_pad, velscale, velscale_ratio, component_sizes, vmax : static
     """
 
@@ -78,6 +91,7 @@ class ForwardModel(eqx.Module):
     additive: jnp.ndarray
     multiplicative: jnp.ndarray
     goodpixels: jnp.ndarray
+    light: jnp.ndarray
     n_pad: int = eqx.field(static=True)
     velscale: float = eqx.field(static=True)
     velscale_ratio: int = eqx.field(static=True)
@@ -108,16 +122,30 @@ class ForwardModel(eqx.Module):
         return self.multiplicative.shape[0]
 
     # -- the maths -------------------------------------------------------------
-    def _losvd_fts(self, losvds) -> jnp.ndarray:
-        """(n_templates, n_freq) LOSVD transform for each template's component."""
+    def _splits(self, losvds) -> bool:
+        """True when ``losvds`` is one Mixture to be split over this model's components."""
         losvds = _as_tuple(losvds)
-        if len(losvds) != self.n_components:
+        return (self.n_components > 1 and len(losvds) == 1 and isinstance(losvds[0], Mixture)
+                and len(losvds[0].components) == self.n_components)
+
+    def _component_fts(self, losvds) -> list:
+        """One (n_freq,) LOSVD transform (with the sub-pixel phase) per kinematic component."""
+        cdtype = self.template_fft.dtype  # keep float32 models in float32
+        if self._splits(losvds):
+            mix = _as_tuple(losvds)[0]
+            parts = [(f, c) for f, c in zip(mix.fractions, mix.components)]
+        else:
+            parts = [(1.0, lv) for lv in _as_tuple(losvds)]
+        if len(parts) != self.n_components:
             raise KinjaxError(
                 f"the model has {self.n_components} kinematic component(s) but "
-                f"{len(losvds)} LOSVD(s) were given"
+                f"{len(parts)} LOSVD(s) were given"
             )
-        cdtype = self.template_fft.dtype  # keep float32 models in float32
-        fts = [lv.ft(self.omega).astype(cdtype) * self.phase for lv in losvds]
+        return [(f * lv.ft(self.omega)).astype(cdtype) * self.phase for f, lv in parts]
+
+    def _losvd_fts(self, losvds) -> jnp.ndarray:
+        """(n_templates, n_freq) LOSVD transform for each template's component."""
+        fts = self._component_fts(losvds)
         return jnp.concatenate(
             [jnp.broadcast_to(f, (n, f.shape[-1])) for f, n in zip(fts, self.component_sizes)]
         )
@@ -174,24 +202,59 @@ class ForwardModel(eqx.Module):
         -------
         (n_pix,) model flux.
         """
-        if len(_as_tuple(losvds)) != self.n_components:
-            raise KinjaxError(
-                f"the model has {self.n_components} kinematic component(s) but "
-                f"{len(_as_tuple(losvds))} LOSVD(s) were given"
-            )
         weights = jnp.asarray(weights).astype(self.additive.dtype)
         # Mix the templates of each component first (one matrix-vector product), then
         # apply that component's LOSVD: one inverse FFT per spectrum.
         cdtype = self.template_fft.dtype
         starts = np.cumsum((0,) + self.component_sizes)
         per_component = 0.0
-        for lv, a, b in zip(_as_tuple(losvds), starts[:-1], starts[1:]):
+        for ft, a, b in zip(self._component_fts(losvds), starts[:-1], starts[1:]):
             mixed = weights[a:b].astype(cdtype) @ self.template_fft[a:b]
-            per_component = per_component + mixed * lv.ft(self.omega).astype(cdtype) * self.phase
+            per_component = per_component + mixed * ft
         model = self._sample(per_component) * self.multiplicative_polynomial(mult_coeffs)
         if add_coeffs is not None and self.degree >= 0:
             model = model + jnp.asarray(add_coeffs).astype(model.dtype) @ self.additive
         return model
+
+
+    def light_constraints(self, losvds):
+        """Equal-light rows ``C`` (n_components − 1, n_templates + degree + 1) or None.
+
+        For a Mixture split over the components (see the module docstring) row ``c − 1``
+        is ``sum_t w_ct m_t − sum_t w_0t m_t`` (zero on the additive polynomial); None
+        otherwise (each component's weights free, as in pPXF).
+        """
+        if not self._splits(losvds):
+            return None
+        starts = np.cumsum((0,) + self.component_sizes)
+        n_cols = self.n_templates + self.degree + 1
+        rows = []
+        for c in range(1, self.n_components):
+            sel = np.zeros(n_cols)
+            sel[starts[c]:starts[c + 1]] = 1.0
+            sel[starts[0]:starts[1]] = -1.0
+            rows.append(sel)
+        light = jnp.concatenate([self.light, jnp.zeros(self.degree + 1, self.light.dtype)])
+        return jnp.asarray(np.array(rows), light.dtype) * light
+
+    def linear_system(self, losvds, y, weights, mult_coeffs=None):
+        """The weighted linear problem for the template weights and additive polynomial.
+
+        Returns ``(A, y, w)``: the design matrix (:meth:`design_matrix`), data and
+        weights, with the equal-light rows of :meth:`light_constraints` appended (target
+        0, weight 10³ × the root-mean-square weighted column norm of ``A`` over the
+        row's norm: the rows are met to ~1e-5 of the light while the float64 (normal equations) and
+        float32 solvers stay well conditioned). Pass them to
+        :func:`kinjax.linear.solve_linear`; χ² is computed on the galaxy pixels only.
+        """
+        a = self.design_matrix(losvds, mult_coeffs)
+        rows = self.light_constraints(losvds)
+        if rows is None:
+            return a, y, weights
+        col = jnp.sqrt(jnp.mean(jnp.sum((a * weights[:, None]) ** 2, axis=0)))
+        w_rows = 1e3 * col / jnp.linalg.norm(rows, axis=1)
+        return (jnp.concatenate([a, rows]), jnp.concatenate([y, jnp.zeros(rows.shape[0], y.dtype)]),
+                jnp.concatenate([weights, w_rows.astype(weights.dtype)]))
 
 
 def _as_tuple(x) -> tuple:
@@ -283,6 +346,7 @@ def make_forward_model(
     template_fft = np.fft.rfft(flux, n=n_pad, axis=-1)
     k = np.arange(n_pad // 2 + 1)
     omega_pix = 2.0 * np.pi * k / n_pad  # radians per template pixel
+    light = flux[:, index].mean(axis=(1, 2))
     mask = getattr(spectrum, "mask", np.ones(n_pix, bool))
     mask = np.ones(n_pix, bool) if np.ndim(mask) != 1 else np.asarray(mask, bool)
 
@@ -294,6 +358,7 @@ def make_forward_model(
         additive=jnp.asarray(legendre_basis(n_pix, degree), dtype=dtype),
         multiplicative=jnp.asarray(legendre_basis(n_pix, mdegree)[1:], dtype=dtype),
         goodpixels=jnp.asarray(mask),
+        light=jnp.asarray(light, dtype=dtype),
         n_pad=int(n_pad),
         velscale=float(spectrum.velscale),
         velscale_ratio=ratio,

@@ -76,8 +76,7 @@ def spectrum_model(forward: ForwardModel, spec: LosvdSpec, y, weights, linear: L
     losvd = spec.build(theta)
     numpyro.deterministic("mean_v", losvd.mean)
     numpyro.deterministic("dispersion", losvd.dispersion)
-    design = forward.design_matrix(losvd, mult)
-    numpyro.factor("loglike", profile_loglike(design, y, weights, linear))
+    numpyro.factor("loglike", profile_loglike(*forward.linear_system(losvd, y, weights, mult), linear))
 
 
 def _unconstrained_theta(s, spec: LosvdSpec):
@@ -117,8 +116,7 @@ def spectrum_model_whitened(forward: ForwardModel, y, weights, linear: LinearTer
     losvd = spec.build(theta[:k])
     numpyro.deterministic("mean_v", losvd.mean)
     numpyro.deterministic("dispersion", losvd.dispersion)
-    design = forward.design_matrix(losvd, mult)
-    numpyro.factor("loglike", profile_loglike(design, y, weights, linear))
+    numpyro.factor("loglike", profile_loglike(*forward.linear_system(losvd, y, weights, mult), linear))
 
 
 def log_posterior_whitened(z, forward: ForwardModel, y, weights, linear: LinearTerms, loc, chol, spec: LosvdSpec):
@@ -135,7 +133,7 @@ def log_posterior_whitened(z, forward: ForwardModel, y, weights, linear: LinearT
         mult = theta[k:]
         logp = logp - 0.5 * jnp.sum(mult**2)
     losvd = spec.build(theta[:k])
-    return logp + profile_loglike(forward.design_matrix(losvd, mult), y, weights, linear)
+    return logp + profile_loglike(*forward.linear_system(losvd, y, weights, mult), linear)
 
 
 def whitened_to_theta(z, spec: LosvdSpec, loc, chol) -> np.ndarray:

@@ -94,9 +94,9 @@ def make_map_solver(forward: ForwardModel, spec: LosvdSpec, *, nonneg: bool = Tr
     nonneg_mask = _nonneg_mask(forward, nonneg)
     n_t = forward.n_templates
 
-    def design(theta):
+    def system(theta, y, w):  # design matrix, data and weights (with any equal-light rows)
         mult = theta[k:] if mdeg else None
-        return forward.design_matrix(spec.build(theta[:k]), mult)
+        return forward.linear_system(spec.build(theta[:k]), y, w, mult)
 
     def model(theta, x):
         mult = theta[k:] if mdeg else None
@@ -106,7 +106,7 @@ def make_map_solver(forward: ForwardModel, spec: LosvdSpec, *, nonneg: bool = Tr
         return jnp.concatenate([(model(theta, x) - y) * w, spec.prior_residuals(theta[:k])])
 
     def profile(theta, y, w, passive=None):
-        x = solve_linear(design(theta), y, w, nonneg_mask, passive)
+        x = solve_linear(*system(theta, y, w), nonneg_mask, passive)
         r = residuals(theta, x, y, w)
         return x, r, r @ r
 
@@ -159,8 +159,12 @@ def make_map_solver(forward: ForwardModel, spec: LosvdSpec, *, nonneg: bool = Tr
 
     def _laplace(theta, x, y, w):
         jac = jax.jacfwd(lambda th: residuals(th, x, y, w))(theta)
-        a = design(theta) * w[:, None]
-        a = jnp.concatenate([a, jnp.zeros((jac.shape[0] - a.shape[0], a.shape[1]), a.dtype)])
+        a, _, w_all = system(theta, y, w)
+        a = a * w_all[:, None]
+        n_pix, n_con = y.shape[0], a.shape[0] - y.shape[0]
+        # rows: galaxy pixels, prior residuals (no linear part), equal-light constraints (no θ)
+        a = jnp.concatenate([a[:n_pix], jnp.zeros((jac.shape[0] - n_pix, a.shape[1]), a.dtype), a[n_pix:]])
+        jac = jnp.concatenate([jac, jnp.zeros((n_con, jac.shape[1]), jac.dtype)])
         active = (~nonneg_mask) | (x > 0)
         full = jnp.concatenate([jac, a * active], axis=1)
         keep = jnp.concatenate([jnp.ones(theta.shape[0], bool), active])

@@ -131,6 +131,38 @@ def test_two_components_add_up():
         both(l1, w)
 
 
+def test_mixture_split_over_components_with_equal_light():
+    """A Mixture given to a two-component model: component c is convolved with f_c L_c, and
+    the NNLS with the equal-light rows returns weights whose light fractions are f_c, so
+    that a spectrum made of two populations with light 0.3 / 0.7 is fitted exactly."""
+    from kinjax.linear import solve_linear
+    from kinjax.losvd import Gaussian, Mixture
+
+    tpl1, tpl2 = _templates(2, seed=1), _templates(2, seed=2)
+    gal = _spectrum(tpl1)
+    g1, g2 = Gaussian(150.0, 60.0), Gaussian(-150.0, 90.0)
+    mix = Mixture((g1, g2), jnp.array([0.3, 0.7]))
+    both = make_forward_model([tpl1, tpl2], gal, degree=0)
+    w = np.array([0.3, 0.7, 0.4, 0.1])
+    np.testing.assert_allclose(np.asarray(both(mix, w)), np.asarray(both((g1, g2), w * [0.3, 0.3, 0.7, 0.7])),
+                               atol=1e-12)
+    # data: population 1 (light 0.3) at +150, population 2 (0.7) at -150, plus a constant
+    light = np.asarray(both.light)
+    x1, x2 = np.array([1.0, 2.0]), np.array([0.5, 3.0])
+    x1, x2 = x1 / (x1 @ light[:2]), x2 / (x2 @ light[2:])  # unit light each
+    y = np.asarray(both((g1, g2), np.r_[0.3 * x1, 0.7 * x2]) + 0.2)
+    a, yy, ww = both.linear_system(mix, jnp.asarray(y), jnp.ones(y.size))
+    assert a.shape[0] == y.size + 1 and yy.shape == ww.shape == (y.size + 1,)
+    x = np.asarray(solve_linear(a, yy, ww, jnp.asarray(np.r_[np.ones(4, bool), False])))
+    np.testing.assert_allclose(x[:4], np.r_[x1, x2], rtol=1e-4)  # normal equations with a 1e3-weighted row
+    np.testing.assert_allclose(x[4], 0.2, rtol=1e-4)
+    assert abs(x[:2] @ light[:2] - x[2:4] @ light[2:]) < 1e-5 * (x[:2] @ light[:2])
+    # pPXF-style independent components get no constraint
+    assert both.light_constraints((g1, g2)) is None
+    with pytest.raises(KinjaxError, match="component"):
+        both(Mixture((g1, g2, g1), jnp.ones(3)), np.ones(4))
+
+
 def test_float32_agrees_with_float64():
     tpl = _templates()
     gal = _spectrum(tpl)
