@@ -216,6 +216,8 @@ def _cmd_fit(args) -> int:
     summary = result.summary()
     summary["spectrum"] = args.target
     summary["redshift"] = float(spectrum.redshift)
+    if spectrum.fwhm is not None:  # the LSF the templates were matched to (after --rebin-lsf)
+        summary["fwhm"] = float(np.median(np.atleast_1d(np.asarray(spectrum.fwhm, float))))
     summary["precision"] = "float32" if args.float32 else "float64"
     _write_atomically(out, json.dumps(_jsonable(summary), indent=2))
     if args.save:
@@ -239,6 +241,8 @@ def _cmd_fit_cube(args) -> int:
         raise KinjaxError(f"{out}: the output directory does not exist")
     if args.spatial == "none" and args.method == "svi":
         raise KinjaxError("--method svi needs --spatial gp (spaxel-by-spaxel fits use map or nuts)")
+    if args.spatial == "none" and args.start_radius is not None:
+        raise KinjaxError("--start-radius applies to --spatial gp (the 3D fit's start)")
     if args.spatial == "none" and args.v_mean != "constant":
         raise KinjaxError("--v-mean applies to --spatial gp (the GP's mean function)")
     if args.spatial == "gp" and args.method == "nuts":
@@ -254,7 +258,8 @@ def _cmd_fit_cube(args) -> int:
     if args.spatial == "gp":
         from kinjax.cube_model import fit_cube_gp
 
-        result = fit_cube_gp(cube, templates, method=args.method, v_mean=args.v_mean, **common)
+        result = fit_cube_gp(cube, templates, method=args.method, v_mean=args.v_mean, start_radius=args.start_radius,
+                             **common)
     elif args.method == "nuts":
         from kinjax.cube_fit import fit_cube_spaxels_nuts
 
@@ -343,6 +348,9 @@ def _build_parser() -> argparse.ArgumentParser:
     fc.add_argument("--v-mean", choices=["constant", "rotation"], default="constant",
                     help="mean function of the V map under --spatial gp: constant (default) or an "
                          "arctan rotation curve of an inclined disc fitted to the spaxel velocities")
+    fc.add_argument("--start-radius", type=float, default=None, metavar="R",
+                    help="--spatial gp: start from spaxel fits of the cube averaged within R spaxels "
+                         "(e.g. 1.5 for --losvd gauss2 at low S/N; see fit_cube_gp)")
     fc.add_argument("--float32", action="store_true",
                      help="single precision (faster on most GPUs; default double)")
     fc.add_argument("--out", required=True, metavar="MAPS.fits", help="output maps")

@@ -42,6 +42,21 @@ def test_fit_cube_spaxels_recovers_mean_velocity(mock_file, tmp_path, capsys, me
     assert np.all(np.isfinite(pull)) and np.all(np.abs(pull) < 5), pull
 
 
+def test_fit_cube_rebinned_lsf(mock_file, tmp_path, capsys):
+    """By default the cube's LSF after log-rebinning includes the 1.25 Å pixel's boxcar
+    (FWHM 2.65 -> 2.784 Å, in the header); ``--nominal-fwhm`` keeps 2.65 Å, and on the same
+    spectra every dispersion comes out higher with it."""
+    disp = {}
+    for flag in ([], ["--nominal-fwhm"]):
+        out = tmp_path / f"maps{len(flag)}.fits"
+        assert main(["fit-cube", str(mock_file), "--fwhm", "2.65", "--spatial", "none", *flag, "--out", str(out)]) == 0
+        with fits.open(out) as h:
+            disp[bool(flag)] = h["DISPERSION"].data
+            fwhm = h[0].header["FWHM"]
+        assert fwhm == pytest.approx(2.65 if flag else np.sqrt(2.65**2 + 8 * np.log(2) * 1.25**2 / 12), rel=1e-6)
+    assert np.all(disp[True] > disp[False]), disp
+
+
 def test_fit_cube_refuses_bad_combination(mock_file, tmp_path):
     out = tmp_path / "maps.fits"
     proc = subprocess.run([sys.executable, "-m", "kinjax", "fit-cube", str(mock_file), "--fwhm", "2.65",

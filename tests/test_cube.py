@@ -405,3 +405,31 @@ def test_crop_keeps_the_pixels_in_range_for_every_spaxel():
         cube.crop(5400.0, 6000.0)
     with pytest.raises(KinjaxError, match="lo < hi"):
         cube.crop(5100.0, 4900.0)
+
+
+def test_neighbour_mean_against_a_loop():
+    """Cube.neighbour_mean: each spaxel the mean of the valid spaxels within the radius
+    (good pixels only, noise propagated), checked against a direct loop."""
+    rng = np.random.default_rng(3)
+    n_y, n_x, n_w = 4, 5, 30
+    yy, xx = np.mgrid[0:n_y, 0:n_x]
+    x, y = 0.5 * xx.ravel(), 0.5 * yy.ravel()
+    flux = rng.normal(1.0, 0.1, (n_y * n_x, n_w))
+    noise = rng.uniform(0.05, 0.2, flux.shape)
+    mask = rng.random(flux.shape) > 0.1
+    mask[7] = False  # one invalid spaxel: never averaged in
+    cube = Cube(np.linspace(5000, 5100, n_w), flux, noise, mask, x, y, 2.65)
+    out, n_avg = cube.neighbour_mean(1.5)
+    for i in range(cube.n_spaxels):
+        near = [j for j in range(cube.n_spaxels) if np.hypot(x[j] - x[i], y[j] - y[i]) <= 0.75 + 1e-9 and j != 7]
+        assert n_avg[i] == len(near)
+        for p in range(n_w):
+            good = [j for j in near if mask[j, p]]
+            if not good:
+                assert not out.mask[i, p]
+                continue
+            assert out.flux[i, p] == pytest.approx(np.mean(flux[good, p]), rel=1e-12)
+            assert out.noise[i, p] == pytest.approx(np.sqrt(np.sum(noise[good, p] ** 2)) / len(good), rel=1e-12)
+    assert n_avg[0] == 4 and n_avg[6] == 8  # a corner (3 + itself) and an interior spaxel next to the invalid one
+    with pytest.raises(KinjaxError):
+        cube.neighbour_mean(-1.0)

@@ -159,12 +159,12 @@ def test_all_masked_spectrum_is_refused():
         fit_spectrum(spec.with_mask(np.zeros(spec.n_pix, bool)), noise=0.0047)
 
 
-@pytest.mark.parametrize("precision", ["float64", "float32"])
+@pytest.mark.parametrize("precision", ["float64", "float32", "rebin-lsf"])
 def test_cli_fit_json(tmp_path, precision):
     out = tmp_path / "r.json"
     cmd = [sys.executable, "-m", "kinjax", "fit", "ngc4550", "--redshift", "0", "--fwhm", "4.2", "--noise", "0.0047",
            "--losvd", "gh", "--moments", "4", "--degree", "4", "--method", "map", "--out", str(out)]
-    cmd += ["--float32"] if precision == "float32" else []
+    cmd += {"float32": ["--float32"], "rebin-lsf": ["--rebin-lsf"]}.get(precision, [])
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     d = json.loads(out.read_text())
@@ -172,8 +172,12 @@ def test_cli_fit_json(tmp_path, precision):
                 "chi2_dof", "method", "seconds", "losvd"]:
         assert key in d
     assert set(d["losvd"]) == {"velocity", "median", "lo", "hi"}
-    assert d["precision"] == precision
+    assert d["precision"] == ("float32" if precision == "float32" else "float64")
     assert abs(d["v"] - 436) < 2.4 and abs(d["sigma"] - 113) < 5.2
+    # --rebin-lsf: SAURON's 1.1 A pixels widen the 4.2 A LSF to 4.266 A; sigma 110.7 -> 108.9 km/s
+    rebinned = precision == "rebin-lsf"
+    assert d["fwhm"] == pytest.approx(np.sqrt(4.2**2 + 8 * np.log(2) * 1.1**2 / 12) if rebinned else 4.2, rel=1e-3)
+    assert (d["sigma"] < 109.5) == rebinned, d["sigma"]
 
 
 def test_cli_fit_bad_noise(tmp_path):
