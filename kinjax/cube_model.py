@@ -845,8 +845,8 @@ def _smoothed_start(cube, templates, radius, settings):
 
     if cube.velscale is None:
         cube = cube.log_rebin(rebin_lsf=True)
-    use = prepare_cube(cube, templates, **{k: settings[k] for k in ("snr_min", "velscale_ratio", "vmax", "degree",
-                                                                     "mdegree", "losvd", "moments", "mask_emission")})[1]
+    keys = ("snr_min", "velscale_ratio", "vmax", "degree", "mdegree", "losvd", "moments", "mask_emission")
+    use = prepare_cube(cube, templates, **{k: settings[k] for k in keys})[1]  # the spaxels the 3D fit will use
     smooth, n_avg = cube.neighbour_mean(radius)
     fit = fit_cube_spaxels(smooth, templates, **settings)
     scale = np.where(use, n_avg, np.nan)

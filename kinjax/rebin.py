@@ -15,19 +15,20 @@ spectra at once is one sparse–dense product. A constant spectrum stays
 constant (each row of ``W`` sums to one) and ∫ f dλ over the covered range is
 conserved.
 
-**Resolution.** Treating the input as a step function convolves it, in effect, with
-the input pixel's boxcar once more: the rebinned spectrum's line-spread function is
-broader than the input's (whose quoted FWHM already includes the detector pixel). On
-noise-free mock cubes (a Gaussian LOSVD of σ = 93 km/s, FWHM 2.65 Å on 1.25 Å linear
-pixels, log-rebinned at 73.6 km/s) kinjax and pPXF 8.2.6 alike, both given the nominal
-FWHM, returned σ 4.4 km/s too high (0.4 km/s with 0.5 Å pixels). :func:`rebinned_fwhm`
-gives the effective FWHM, ``sqrt(FWHM² + 8 ln 2 Δλ²/12)`` with Δλ the input pixel width,
-which :meth:`kinjax.spectrum.Spectrum.log_rebin` and :meth:`kinjax.cube.Cube.log_rebin`
-record with ``rebin_lsf=True`` (the default of the cube fits, ``kinjax fit-cube``; single
-spectra keep pPXF's convention unless ``kinjax fit --rebin-lsf``); with it the same fits were off by +1.1 km/s (0.5 Å pixels: −0.2 km/s; FWHM 4 Å:
-+0.7 instead of +3.1 km/s). The rest comes from the coarse sampling (2.1 pixels per
-FWHM), which a variance correction cannot capture exactly. Rebinning onto the input's
-own grid changes nothing and keeps the FWHM.
+**Resolution.** Treating the input as a step function convolves it, in effect, with the
+input pixel's boxcar once more: the rebinned spectrum's line-spread function is broader
+than the input's (whose quoted FWHM already includes the detector pixel). On noise-free
+mock cubes (a Gaussian LOSVD of σ = 93 km/s, FWHM 2.65 Å on 1.25 Å linear pixels,
+log-rebinned at 73.6 km/s) kinjax and pPXF 8.2.6 alike, both given the nominal FWHM,
+returned σ 4.4 km/s too high (0.4 km/s with 0.5 Å pixels). :func:`rebinned_fwhm` gives
+the effective FWHM, ``sqrt(FWHM² + 8 ln 2 Δλ²/12)`` with Δλ the input pixel width, which
+:meth:`kinjax.spectrum.Spectrum.log_rebin` and :meth:`kinjax.cube.Cube.log_rebin` record
+with ``rebin_lsf=True`` (the default of the cube fits, ``kinjax fit-cube``; single
+spectra keep pPXF's convention unless ``kinjax fit --rebin-lsf``); with it the same fits
+were off by +1.1 km/s (0.5 Å pixels: −0.2 km/s; FWHM 4 Å: +0.7 instead of +3.1 km/s).
+The rest comes from the coarse sampling (2.1 pixels per FWHM), which a variance
+correction cannot capture exactly. Rebinning onto the input's own grid changes nothing
+and keeps the FWHM.
 """
 
 from __future__ import annotations
