@@ -25,7 +25,10 @@ envelope theorem the gradient of the profiled χ² is then exact. The objective 
 1. **hyperparameters** (empirical Bayes): for each field, the spaxel-by-spaxel values and
    their Laplace errors are treated as noisy data of the field, and (m, A, ℓ) maximise
    the GP marginal likelihood ``N(θ̂ | m, K + diag(err²))`` times weak hyperpriors
-   (ℓ log-normal around 3 spaxels, A half-normal), on at most ``hyper_max`` spaxels;
+   (ℓ log-normal around 3 spaxels, A half-normal), on at most ``hyper_max`` spaxels.
+   For Gauss–Hermite the single-spectrum Normal(0, 0.1) prior on h_m is first divided
+   out of each spaxel's Laplace approximation (:func:`likelihood_only`): the GP prior
+   takes its place, and estimates shrunk towards zero made the h4 field look flat;
 2. **Gaussian start**: the closed-form posterior mean of each field under that linear-
    Gaussian approximation;
 3. **MAP** (``method="map"``): L-BFGS (optax) on the exact profiled χ² plus the GP prior,
@@ -36,7 +39,8 @@ envelope theorem the gradient of the profiled χ² is then exact. The objective 
    disc + bulge mock at S/N 20 (true GH h4 ≈ +0.05) the h4 field's mean moved from
    −0.007 to +0.026, lowering the RMSE of DISPERSION from 10.1 to 9.2 km/s.
    Errors are Laplace: jointly over all fields and spaxels (each spaxel's data
-   precision block plus each field's GP precision, with the field means marginalised)
+   precision block, without the single-spectrum h_m prior, plus each field's GP precision,
+   with the field means marginalised)
    up to ``joint_max`` unknowns; beyond that per field ``Σ_post = (Λ_data + K⁻¹)⁻¹``
    with ``Λ_data`` the diagonal data precision at the optimum (fields independent).
    Finally the errors are widened for the uncertainty of each field's amplitude and
@@ -79,6 +83,7 @@ starts at scale 0.1 in field units, so it needs thousands of steps for V (km/s).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import warnings
 
@@ -91,6 +96,7 @@ from kinjax.errors import KinjaxError
 from kinjax.family import exp_where, log_where
 
 __all__ = [
+    "likelihood_only",
     "KERNELS",
     "kernel_1d",
     "tinygp_kernel",
@@ -626,10 +632,13 @@ def fit_cube_gp(cube, templates, *, losvd="gh", moments=4, degree=4, mdegree=0, 
     w = jnp.asarray(cube.mask[fitted] / cube.noise[fitted], dtype)
     mult = jnp.asarray(init.theta[fitted, k:], dtype)
 
-    # ---- step 1: hyperparameters from the spaxel fits
-    th0 = jnp.asarray(init.theta[fitted, :k], dtype)
+    # ---- step 1: hyperparameters from the spaxel fits, their single-spectrum prior divided out
+    # (the GP prior takes its place; the shrunk estimates flattened the h4 field)
+    prior_weight = 1.0 / np.asarray((init.info or {}).get("start_n_avg", np.ones(cube.n_spaxels)))[fitted]
+    th_lik, cov_lik = likelihood_only(spec, init.theta[fitted, :k], init.cov[fitted][:, :k, :k], prior_weight)
+    th0 = jnp.asarray(th_lik, dtype)
     f0 = _to_fields(spec, th0)
-    var0 = np.diagonal(init.cov[fitted], axis1=1, axis2=2)[:, :k] / _field_jac(spec, init.theta[fitted, :k]) ** 2
+    var0 = np.diagonal(cov_lik, axis1=1, axis2=2) / _field_jac(spec, th_lik) ** 2
     err0 = np.sqrt(np.clip(var0, 1e-30, None))
     # a spaxel whose start or Laplace error is not finite carries no information about a
     # field: give it the field's median and an error far larger than the field's range
@@ -697,9 +706,9 @@ def fit_cube_gp(cube, templates, *, losvd="gh", moments=4, degree=4, mdegree=0, 
     chi2_one = make_profiled_chi2(forward, spec, mdegree)
 
     # NNLS warm start: the active set of each spaxel's linear solution at the start
+    th_start = jnp.asarray(init.theta[fitted, :k], dtype)  # the spaxel fits, inside the bounds
     passive = jax.jit(lambda th: map_spectra(_linear_support(forward, spec, mdegree), th, y, w))(
-        jnp.concatenate([_from_fields(spec, f0 + offset[data]), mult], axis=1) if mdegree
-        else _from_fields(spec, f0 + offset[data]))
+        jnp.concatenate([th_start, mult], axis=1) if mdegree else th_start)
 
     def total_chi2(fields):  # fields (n_nodes, k): departures from the mean function
         theta = _from_fields(spec, (fields + offset)[data])
@@ -757,7 +766,9 @@ def fit_cube_gp(cube, templates, *, losvd="gh", moments=4, degree=4, mdegree=0, 
     # ---- Laplace errors at the optimum: data precision from the per-spaxel Gauss-Newton
     theta_fit = _from_fields(spec, fields[data])
     full = jnp.concatenate([theta_fit, mult], axis=1) if mdegree else theta_fit
-    cov_data, chi2_fit = laplace_batch(forward, spec_key(spec), y, w, full)
+    # Gauss-Hermite: data precision only, the GP prior replaces the single-spectrum prior on h_m
+    spec_lik = dataclasses.replace(spec, h_prior=None)
+    cov_data, chi2_fit = laplace_batch(forward, spec_key(spec_lik), y, w, full)
     cov_data = np.asarray(cov_data)
     theta_np = np.asarray(full)
     var_d = np.diagonal(cov_data, axis1=1, axis2=2)[:, :k] / _field_jac(spec, theta_np[:, :k]) ** 2
@@ -837,10 +848,69 @@ def fit_cube_gp(cube, templates, *, losvd="gh", moments=4, degree=4, mdegree=0, 
                       method=f"gp-{method}", info=info)
 
 
+def likelihood_only(spec, theta, cov, prior_weight=1.0, min_data_share=0.05):
+    """Divide a single-spectrum fit's prior out of its Laplace approximation.
+
+    A MAP fit with the family's priors (``spec.prior_residuals``; here the Normal(0,
+    ``h_prior``) prior on each Gauss–Hermite h_m) has posterior precision
+    ``P = P_L + ω JᵀJ`` and mode ``m`` with ``P_L (m − m_L) + ω Jᵀ r(m) = 0``, where ``J``
+    is the Jacobian of the prior residuals ``r`` and ``ω`` the prior's weight. This
+    returns the likelihood's own Gaussian ``(m_L, P_L⁻¹)`` (exact for a prior linear in θ,
+    as this one is, in the Laplace approximation), the data the 3D model's GP prior
+    should see instead of estimates shrunk towards zero. Other families are returned
+    unchanged: the Sanders–Evans shape priors identify (δ, κ) when σ_K is small, and
+    without them their likelihood-only errors are unbounded.
+
+    Parameters
+    ----------
+    spec : LosvdSpec
+    theta : (n, k) modes; cov : (n, k, k) their posterior covariances (the LOSVD block).
+    prior_weight : float or (n,)
+        ω: 1, or 1/n for a fit of n averaged spectra whose covariance was scaled by n.
+    min_data_share : float
+        Spaxels where the data carry less than this share of the posterior precision in
+        some direction (the prior dominates) keep their posterior ``(m, cov)`` unchanged:
+        dividing the prior out there would leave an almost flat, ill-defined Gaussian.
+
+    Returns
+    -------
+    theta_l (n, k), cov_l (n, k, k)
+    """
+    theta = np.asarray(theta, float)
+    cov = np.asarray(cov, float)
+    n, k = theta.shape
+    if spec.family != "gh":
+        return theta, cov  # only the h_m prior is replaced by the GP prior (see fit_cube_gp)
+    jac_fn = jax.jit(jax.vmap(jax.jacfwd(spec.prior_residuals)))
+    res_fn = jax.jit(jax.vmap(spec.prior_residuals))
+    ok_in = np.all(np.isfinite(theta), axis=1) & np.all(np.isfinite(cov), axis=(1, 2))
+    safe = np.where(ok_in[:, None], theta, np.asarray(spec.initial(0.0, 100.0), float)[None, :k])
+    jac = np.asarray(jac_fn(jnp.asarray(safe)))  # (n, n_res, k)
+    if jac.shape[1] == 0:
+        return theta, cov
+    res = np.asarray(res_fn(jnp.asarray(safe)))
+    omega = np.broadcast_to(np.asarray(prior_weight, float), (n,))
+    p0 = omega[:, None, None] * np.einsum("nri,nrj->nij", jac, jac)
+    grad0 = omega[:, None] * np.einsum("nri,nr->ni", jac, res)
+    theta_l, cov_l = theta.copy(), cov.copy()
+    for i in np.flatnonzero(ok_in):
+        # the data's share of the precision, in the posterior's whitened coordinates
+        try:
+            root = np.linalg.cholesky(cov[i])
+        except np.linalg.LinAlgError:
+            continue
+        share = np.linalg.eigvalsh(np.eye(k) - root.T @ p0[i] @ root)
+        if share.min() < min_data_share:
+            continue
+        p_l = np.linalg.inv(cov[i]) - p0[i]
+        cov_l[i] = np.linalg.inv(p_l)
+        cov_l[i] = 0.5 * (cov_l[i] + cov_l[i].T)
+        theta_l[i] = theta[i] + cov_l[i] @ grad0[i]
+    return theta_l, cov_l
+
+
 def _smoothed_start(cube, templates, radius, settings):
     """Spaxel fits of the neighbour-averaged cube as the start for ``cube`` (errors of one spaxel)."""
-    import dataclasses
-
     from kinjax.cube_fit import fit_cube_spaxels, prepare_cube
 
     if cube.velscale is None:
@@ -851,7 +921,8 @@ def _smoothed_start(cube, templates, radius, settings):
     fit = fit_cube_spaxels(smooth, templates, **settings)
     scale = np.where(use, n_avg, np.nan)
     return dataclasses.replace(fit, cube=cube, fitted=fit.fitted & use, cov=fit.cov * scale[:, None, None],
-                               theta_err=fit.theta_err * np.sqrt(scale)[:, None])
+                               theta_err=fit.theta_err * np.sqrt(scale)[:, None],
+                               info={**(fit.info or {}), "start_n_avg": np.where(use, n_avg, 1.0)})
 
 
 def _hyper_inflation(geo, kernel, means, amps, scales, hyper_cov, f0, err0, data, dtype, n_draws, seed):

@@ -237,3 +237,47 @@ def test_smoothed_start():
     for est, ref in ((gp.mean_v, spax.mean_v), (gp.dispersion, spax.dispersion)):
         j = 0 if est is gp.mean_v else 1
         assert np.sqrt(np.mean((est - mom[:, j]) ** 2)) < 0.8 * np.sqrt(np.mean((ref - mom[:, j]) ** 2))
+
+
+def test_likelihood_only_divides_out_the_h_prior():
+    """Dividing the Normal(0, h_prior) prior out of a MAP fit gives the flat-prior fit.
+
+    Reference: the same spectra fitted again with ``h_prior=None``. A tight prior (0.02)
+    makes the shrinkage large next to the errors, so an identity would fail.
+    """
+    from kinjax.cube_model import likelihood_only
+    from kinjax.family import losvd_spec
+    from kinjax.forward import make_forward_model
+    from kinjax.optimize import make_fitter, map_spectra
+    from kinjax.templates import prepare_templates
+
+    cube, truth, tpl = make_test_cube(shape=(2, 3), snr=80.0)
+    spec_one = cube.spectrum(0)
+    t = prepare_templates(tpl, spec_one, velscale_ratio=2, vmax=1000.0)
+    fwd = make_forward_model(t, spec_one, degree=4, vmax=1000.0)
+    y, w = jnp.asarray(cube.flux), jnp.asarray(cube.mask / cube.noise)
+
+    def fit(h_prior):
+        spec = losvd_spec("gh", moments=4, h_prior=h_prior)
+        sol = map_spectra(make_fitter(fwd, spec), y, w)
+        return spec, np.asarray(sol.theta), np.asarray(sol.cov)
+
+    spec, post, post_cov = fit(0.02)
+    _, flat, flat_cov = fit(None)
+    lik, lik_cov = likelihood_only(spec, post, post_cov)
+    err = np.sqrt(np.diagonal(flat_cov, axis1=1, axis2=2))
+    shrink = np.abs(post - flat)[:, 2:] / err[:, 2:]
+    assert shrink.max() > 1.0  # the prior moved h3/h4 by up to 1.6 errors
+    # exact for a linear model; here the (σ, h4) non-linearity leaves up to 0.13 errors
+    np.testing.assert_array_less(np.abs(lik - flat) / err, 0.15)
+    np.testing.assert_allclose(np.sqrt(np.diagonal(lik_cov, axis1=1, axis2=2)), err, rtol=0.15)
+    # a prior-dominated direction keeps the posterior; other families are untouched
+    vague = post_cov.copy()
+    vague[:, 3, 3] = 0.99 * 0.02**2
+    vague[:, 3, :3] = vague[:, :3, 3] = 0.0
+    th_v, cov_v = likelihood_only(spec, post, vague)
+    np.testing.assert_array_equal(th_v, post)
+    np.testing.assert_array_equal(cov_v, vague)
+    g2 = losvd_spec("gauss2")
+    th2 = np.tile(g2.initial(0.0, 100.0), (2, 1))
+    np.testing.assert_array_equal(likelihood_only(g2, th2, np.tile(np.eye(5), (2, 1, 1)))[0], th2)
