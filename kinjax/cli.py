@@ -179,7 +179,7 @@ def _cmd_fit(args) -> int:
 
     jax.config.update("jax_enable_x64", not args.float32)  # double precision unless --float32
     from kinjax.datasets import ngc4550
-    from kinjax.fit import fit_spectrum
+    from kinjax.fit import fit_spectrum, setup_fit
     from kinjax.spectrum import read_spectrum
 
     out = Path(args.out)
@@ -206,18 +206,15 @@ def _cmd_fit(args) -> int:
         noise = args.noise
     if args.wave_range is not None:
         spectrum = spectrum.crop(*args.wave_range)
-    if args.rebin_lsf and not spectrum.is_log:
-        spectrum = spectrum.log_rebin(rebin_lsf=True)
-    result = fit_spectrum(
-        spectrum, losvd=args.losvd, moments=args.moments, degree=args.degree, mdegree=args.mdegree,
-        noise=noise, method=args.method, seed=args.seed, mask_emission=not args.no_mask_emission, n_pca=args.pca,
-        progress=sys.stderr.isatty() or args.method == "nuts",
-    )
+    setup = setup_fit(spectrum, losvd=args.losvd, moments=args.moments, degree=args.degree, mdegree=args.mdegree,
+                      noise=noise, mask_emission=not args.no_mask_emission, n_pca=args.pca, rebin_lsf=args.rebin_lsf)
+    result = fit_spectrum(setup.spectrum, setup=setup, method=args.method, seed=args.seed,
+                          progress=sys.stderr.isatty() or args.method == "nuts")
     summary = result.summary()
     summary["spectrum"] = args.target
     summary["redshift"] = float(spectrum.redshift)
-    if spectrum.fwhm is not None:  # the LSF the templates were matched to (after --rebin-lsf)
-        summary["fwhm"] = float(np.median(np.atleast_1d(np.asarray(spectrum.fwhm, float))))
+    if setup.spectrum.fwhm is not None:  # the LSF the templates were matched to (after --rebin-lsf)
+        summary["fwhm"] = float(np.median(np.atleast_1d(np.asarray(setup.spectrum.fwhm, float))))
     summary["precision"] = "float32" if args.float32 else "float64"
     _write_atomically(out, json.dumps(_jsonable(summary), indent=2))
     if args.save:

@@ -111,15 +111,19 @@ def setup_fit(
     hist_dv: float | None = None,
     h_prior: float | None = 0.1,
     n_pca: int | None = None,
+    rebin_lsf: bool = False,
 ) -> FitSetup:
     """Prepare a spectrum and templates for fitting (see :func:`fit_spectrum`).
 
     With ``n_pca`` the prepared templates are compressed to that many principal
     components (:func:`kinjax.templates.pca_templates`) and their weights are
-    unconstrained; otherwise the weights are non-negative, as in pPXF.
+    unconstrained; otherwise the weights are non-negative, as in pPXF. ``rebin_lsf``:
+    when a linear spectrum is log-rebinned here, widen its FWHM by the linear pixel's
+    boxcar (:func:`kinjax.rebin.rebinned_fwhm`); the default keeps the FWHM as given,
+    pPXF's convention.
     """
     if not spectrum.is_log:
-        spectrum = spectrum.log_rebin()
+        spectrum = spectrum.log_rebin(rebin_lsf=rebin_lsf)
     if noise is not None:
         # as in pPXF, the noise is the per-pixel 1σ of the log-rebinned spectrum
         spectrum = spectrum.with_noise(np.broadcast_to(np.asarray(noise, float), spectrum.flux.shape))
@@ -211,6 +215,7 @@ def fit_spectrum(
     setup: FitSetup | None = None,
     h_prior: float | None = 0.1,
     n_pca: int | None = None,
+    rebin_lsf: bool = False,
 ) -> FitResult:
     """Fit the kinematics of one spectrum.
 
@@ -250,6 +255,10 @@ def fit_spectrum(
     n_pca : int, optional
         Compress the templates to this many principal components with unconstrained
         weights (default: all templates, non-negative weights).
+    rebin_lsf : bool
+        A linear spectrum's FWHM is widened by its pixel's boxcar when it is log-rebinned
+        here (:func:`kinjax.rebin.rebinned_fwhm`). Default False: the FWHM as given, as
+        pPXF does (book: "Resolution after log-rebinning").
     setup : FitSetup, optional
         Reuse a prepared set-up (then the preparation keywords are ignored).
 
@@ -264,7 +273,7 @@ def fit_spectrum(
             spectrum, templates, losvd=losvd, moments=moments, kernel=kernel, degree=degree,
             mdegree=mdegree, velscale_ratio=velscale_ratio, vmax=vmax, noise=noise,
             mask_emission=mask_emission, hist_vmax=hist_vmax, hist_dv=hist_dv, h_prior=h_prior,
-            n_pca=n_pca,
+            n_pca=n_pca, rebin_lsf=rebin_lsf,
         )
     fm, spec, y, w = setup.forward, setup.spec, setup.y, setup.weights
     k = spec.n_params

@@ -234,3 +234,16 @@ def test_sanders_evans_shape_prior():
     np.testing.assert_allclose(np.asarray(losvd_spec("se").prior_residuals(theta)), [0.5, -0.5, 0.4])
     assert np.asarray(losvd_spec("se", se_prior=None).prior_residuals(theta)).size == 0
     np.testing.assert_allclose(np.asarray(losvd_spec("se", kernel="laplace").prior_residuals(theta[:4])), [0.5, -0.5])
+
+
+def test_setup_fit_rebin_lsf_widens_the_fwhm_by_the_pixel_boxcar():
+    """``rebin_lsf``: a linear spectrum log-rebinned by setup_fit gets sqrt(FWHM² + 8 ln2 Δλ²/12)."""
+    from kinjax.spectrum import Spectrum
+
+    wave = 4800.0 + 1.25 * np.arange(480)
+    rng = np.random.default_rng(0)
+    lin = Spectrum(wave, 1.0 + 0.01 * rng.standard_normal(wave.size), np.full(wave.size, 0.01), None, 2.65)
+    nominal = setup_fit(lin, mask_emission=False).spectrum.fwhm
+    widened = setup_fit(lin, mask_emission=False, rebin_lsf=True).spectrum.fwhm
+    assert float(nominal) == pytest.approx(2.65)
+    assert float(widened) == pytest.approx(np.sqrt(2.65**2 + 8 * np.log(2) * 1.25**2 / 12), rel=1e-9)
