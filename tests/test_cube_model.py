@@ -230,6 +230,7 @@ def test_smoothed_start():
     direct = fit_cube_spaxels(smooth, tpl, **settings)
     np.testing.assert_allclose(start.theta, direct.theta)
     np.testing.assert_allclose(start.cov, direct.cov * n_avg[:, None, None])
+    np.testing.assert_array_equal(start.info["start_n_avg"], n_avg)  # the prior's weight is then 1/n_avg
     assert start.cube.n_spaxels == cube.n_spaxels and np.array_equal(start.cube.flux, cube.flux)
     spax = fit_cube_spaxels(cube, tpl, vmax=1000.0, progress=False)
     gp = fit_cube_gp(cube, tpl, vmax=1000.0, start_radius=1.5, progress=False)
@@ -271,6 +272,11 @@ def test_likelihood_only_divides_out_the_h_prior():
     # exact for a linear model; here the (σ, h4) non-linearity leaves up to 0.13 errors
     np.testing.assert_array_less(np.abs(lik - flat) / err, 0.15)
     np.testing.assert_allclose(np.sqrt(np.diagonal(lik_cov, axis1=1, axis2=2)), err, rtol=0.15)
+    # a fit of n averaged spectra with its covariance scaled by n: the prior weighs 1/n
+    n = np.arange(1.0, 7.0)
+    lik_n, lik_cov_n = likelihood_only(spec, post, post_cov * n[:, None, None], 1.0 / n)
+    np.testing.assert_allclose(lik_n, lik, rtol=1e-8, atol=1e-12)
+    np.testing.assert_allclose(lik_cov_n, lik_cov * n[:, None, None], rtol=1e-8, atol=1e-14)
     # a prior-dominated direction keeps the posterior; other families are untouched
     vague = post_cov.copy()
     vague[:, 3, 3] = 0.99 * 0.02**2
