@@ -23,8 +23,8 @@ import numpy as np
 
 from kinjax.errors import KinjaxError
 
-__all__ = ["CubeFit", "fit_cube_spaxels", "fit_cube_spaxels_nuts", "prepare_cube", "losvd_summaries", "grid_moments",
-           "laplace_batch", "spec_key"]
+__all__ = ["CubeFit", "fit_cube_spaxels", "fit_cube_spaxels_nuts", "prepare_cube", "select_spaxels",
+           "losvd_summaries", "grid_moments", "laplace_batch", "spec_key"]
 
 #: Laplace draws per spaxel used to propagate errors to the mean velocity and dispersion.
 N_DRAWS = 64
@@ -188,10 +188,33 @@ def prepare_cube(cube, templates, *, snr_min=None, velscale_ratio=2, vmax=2000.0
     forward : ForwardModel
     spec : LosvdSpec
     """
-    from kinjax.cube import Cube
     from kinjax.family import losvd_spec
     from kinjax.forward import make_forward_model
     from kinjax.templates import prepare_templates
+
+    cube, use = select_spaxels(cube, snr_min=snr_min, mask_emission=mask_emission)
+    first = cube.spectrum(int(np.flatnonzero(use)[0]))
+    tpl = prepare_templates(templates, first, velscale_ratio=velscale_ratio, vmax=vmax)
+    # the model only uses the wavelength grid; the per-spaxel mask enters through weights
+    spec = losvd_spec(losvd, moments=moments, velscale=cube.velscale)
+    # one template set per kinematic component (two Gaussians: a population for each)
+    forward = make_forward_model((tpl,) * spec.n_components, first, degree=degree, mdegree=mdegree, vmax=vmax,
+                                 dtype=dtype)
+    return cube, use, forward, spec
+
+
+def select_spaxels(cube, *, snr_min=None, mask_emission=True):
+    """The log-rebinned cube (emission lines masked if asked) and the spaxels to fit.
+
+    The first half of :func:`prepare_cube`, without the templates: spaxels must be
+    ``valid``, reach ``snr_min`` (before the emission mask) and keep 20 good pixels.
+
+    Returns
+    -------
+    cube : Cube (log-rebinned)
+    use : (n_spaxels,) bool
+    """
+    from kinjax.cube import Cube
 
     if not isinstance(cube, Cube):
         raise KinjaxError(f"expected a kinjax Cube, got {type(cube).__name__}")
@@ -216,14 +239,7 @@ def prepare_cube(cube, templates, *, snr_min=None, velscale_ratio=2, vmax=2000.0
         if not use.any():
             raise KinjaxError("no spaxel keeps 20 good pixels once emission lines are masked; "
                               "check the wavelength range or pass mask_emission=False")
-    first = cube.spectrum(int(np.flatnonzero(use)[0]))
-    tpl = prepare_templates(templates, first, velscale_ratio=velscale_ratio, vmax=vmax)
-    # the model only uses the wavelength grid; the per-spaxel mask enters through weights
-    spec = losvd_spec(losvd, moments=moments, velscale=cube.velscale)
-    # one template set per kinematic component (two Gaussians: a population for each)
-    forward = make_forward_model((tpl,) * spec.n_components, first, degree=degree, mdegree=mdegree, vmax=vmax,
-                                 dtype=dtype)
-    return cube, use, forward, spec
+    return cube, use
 
 
 # Jitted batch functions take the ForwardModel as a traced argument and the LOSVD spec as

@@ -911,12 +911,12 @@ def likelihood_only(spec, theta, cov, prior_weight=1.0, min_data_share=0.05):
 
 def _smoothed_start(cube, templates, radius, settings):
     """Spaxel fits of the neighbour-averaged cube as the start for ``cube`` (errors of one spaxel)."""
-    from kinjax.cube_fit import fit_cube_spaxels, prepare_cube
+    from kinjax.cube_fit import fit_cube_spaxels, select_spaxels
 
     if cube.velscale is None:
         cube = cube.log_rebin(rebin_lsf=True)
-    keys = ("snr_min", "velscale_ratio", "vmax", "degree", "mdegree", "losvd", "moments", "mask_emission")
-    use = prepare_cube(cube, templates, **{k: settings[k] for k in keys})[1]  # the spaxels the 3D fit will use
+    # the spaxels the 3D fit will use
+    use = select_spaxels(cube, snr_min=settings["snr_min"], mask_emission=settings["mask_emission"])[1]
     smooth, n_avg = cube.neighbour_mean(radius)
     fit = fit_cube_spaxels(smooth, templates, **settings)
     scale = np.where(use, n_avg, np.nan)
