@@ -136,7 +136,9 @@ def _templates_info(templates) -> dict:
         "wave_min": float(np.min(templates.wave)),
         "wave_max": float(np.max(templates.wave)),
         "velscale": templates.velscale,
-        "fwhm": _fwhm_summary(templates.fwhm),
+        # the finest and the coarsest resolution (E-MILES: 2.51 Å in the optical, 23.6 Å at 5 µm)
+        "fwhm": float(np.min(templates.fwhm)),
+        "fwhm_max": float(np.max(templates.fwhm)),
     }
 
 

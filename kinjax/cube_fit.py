@@ -138,11 +138,11 @@ class CubeFit:
         primary.header["FAMILY"] = self.family
         primary.header["NFITTED"] = int(self.fitted.sum())
         wave = np.asarray(self.cube.wave)
-        primary.header["WAVEMIN"] = (float(wave[0]), "first fitted pixel centre, observed frame (Angstrom)")
-        primary.header["WAVEMAX"] = (float(wave[-1]), "last fitted pixel centre, observed frame (Angstrom)")
+        primary.header["WAVEMIN"] = (float(wave[0]), "first fitted pixel centre, observed (Angstrom)")
+        primary.header["WAVEMAX"] = (float(wave[-1]), "last fitted pixel centre, observed (Angstrom)")
         primary.header["REDSHIFT"] = (float(self.cube.redshift), "velocities relative to c ln(1 + z)")
         fwhm = np.atleast_1d(np.asarray(self.cube.fwhm, float))
-        primary.header["FWHM"] = (float(np.median(fwhm)), "LSF FWHM of the fitted (log-rebinned) data (Angstrom)")
+        primary.header["FWHM"] = (float(np.median(fwhm)), "LSF FWHM of fitted log-rebinned data (Angstrom)")
         hdus = [primary]
         for key, image in maps.items():
             if key == "LOSVD":

@@ -10,7 +10,9 @@ normalised.
 
 from __future__ import annotations
 
+import dataclasses
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +32,7 @@ __all__ = [
     "parse_miles_name",
     "gaussian_smooth",
     "MILES_FWHM",
+    "emiles_fwhm",
 ]
 
 #: Instrumental FWHM (Å) of MILES / E-MILES SSPs (valid 3540–8950 Å for E-MILES).
@@ -37,6 +40,21 @@ MILES_FWHM = 2.51
 _FWHM_TO_SIGMA = 1.0 / (2.0 * np.sqrt(2.0 * np.log(2.0)))  # 1 / 2.3548
 _MILES_RE = re.compile(r"Z([mp])(\d+(?:\.\d+)?)T(\d+(?:\.\d+)?)")
 _EMILES_GLOB = "Eun1.30Z*T*_iPp0.00_baseFe_linear_FWHM_variable.fits"
+#: E-MILES's pieces (Vazdekis et al. 2016): FWHM 3.0 Å from NGSL below 3540.5 Å, MILES's
+#: 2.51 Å up to 8950 Å, IRTF's sigma = 60 km/s above (the files' headers: "2.51 - 23.57 Å").
+_EMILES_UV = (3540.5, 3.0)
+_EMILES_IR = (8950.0, 60.0)
+
+
+def emiles_fwhm(wave):
+    """E-MILES's instrumental FWHM (Å) at rest wavelengths ``wave`` (Å).
+
+    3.0 Å below 3540.5 Å, 2.51 Å in 3540.5–8950 Å, and a constant σ = 60 km/s
+    (FWHM = 2.3548 × 60 / c × λ, 4.2 Å at 8950 Å, 23.6 Å at 50000 Å) above.
+    """
+    wave = np.asarray(wave, dtype=np.float64)
+    ir = wave * _EMILES_IR[1] / C_KMS / _FWHM_TO_SIGMA
+    return np.where(wave < _EMILES_UV[0], _EMILES_UV[1], np.where(wave > _EMILES_IR[0], ir, MILES_FWHM))
 
 
 @dataclass(frozen=True)
@@ -194,9 +212,9 @@ def load_emiles(directory=None) -> Templates:
     -------
     Templates
         150 templates (6 metallicities × 25 ages) sorted by (metal, age); linear
-        λ from 1680.2 Å in 0.9 Å steps (53689 pixels), ``fwhm = 2.51`` Å (the
-        E-MILES resolution in 3540–8950 Å; it is coarser outside), age in Gyr,
-        metal [M/H].
+        λ from 1680.2 Å in 0.9 Å steps (53689 pixels), ``fwhm`` per pixel from
+        :func:`emiles_fwhm` (2.51 Å in 3540.5–8950 Å, coarser outside), age in
+        Gyr, metal [M/H].
     """
     if directory is None:
         from kinjax.datasets import emiles_directory
@@ -208,7 +226,8 @@ def load_emiles(directory=None) -> Templates:
             f"no E-MILES files ({_EMILES_GLOB}) in {directory}; "
             "`pip install ppxf==8.2.6` or pass directory="
         )
-    return _read_fits_templates(files, MILES_FWHM)
+    library = _read_fits_templates(files, MILES_FWHM)
+    return dataclasses.replace(library, fwhm=emiles_fwhm(library.wave))
 
 
 def _load_npz(path) -> Templates:
@@ -363,7 +382,10 @@ def prepare_templates(templates, spectrum, *, velscale_ratio=2, vmax=2000.0, nor
     Resolution matching convolves the (linear) templates with a Gaussian of
     σ(λ) = sqrt(FWHM_gal_rest(λ)² − FWHM_tpl(λ)²) / 2.3548 Å, FWHM_gal_rest =
     spectrum.fwhm / (1 + z); a wavelength-dependent FWHM uses a per-pixel kernel.
-    The kernel is a sampled Gaussian, accurate when σ ≳ 1 template pixel.
+    The kernel is a sampled Gaussian, accurate when σ ≳ 1 template pixel. Where the
+    galaxy's rest-frame FWHM is finer than the templates' (e.g. MUSE's 2.5 Å against
+    E-MILES's 2.51 Å at z > 0), the templates are used unbroadened, as pPXF does, and a
+    warning gives the excess width in km/s.
     """
     if not spectrum.is_log:
         raise KinjaxError("the spectrum is not log-sampled; log-rebin the spectrum first (spectrum.log_rebin())")
@@ -395,12 +417,25 @@ def prepare_templates(templates, spectrum, *, velscale_ratio=2, vmax=2000.0, nor
     fwhm_tpl = np.broadcast_to(templates.fwhm, wave.shape)
     used = (edges[1:] > lo) & (edges[:-1] < hi)
     diff2 = fwhm_gal**2 - fwhm_tpl**2
-    if np.any(diff2[used] < -1e-12):
-        i = np.flatnonzero(used & (diff2 < -1e-12))[0]
-        raise KinjaxError(
-            f"the galaxy's rest-frame FWHM ({np.broadcast_to(fwhm_gal, wave.shape)[i]:.3f} Å at "
-            f"{wave[i]:.1f} Å) is finer than the templates' ({fwhm_tpl[i]:.3f} Å); "
-            "use higher-resolution templates"
+    # pPXF's convention: where the galaxy is sharper than the templates, use the templates as
+    # they are. The fitted sigma then absorbs the excess width in quadrature, so say how large
+    # it is. Judged on the galaxy's own rest-frame range: the vmax margin only feeds the
+    # convolution.
+    z1 = 1.0 + spectrum.redshift
+    fitted = used & (wave > spectrum.wave[0] / z1) & (wave < spectrum.wave[-1] / z1)
+    bad = fitted & (diff2 < -1e-12)
+    if bad.any():
+        i = np.flatnonzero(bad)[np.argmin(diff2[bad])]
+        gal_i = np.broadcast_to(fwhm_gal, wave.shape)[i]
+        excess = C_KMS * np.sqrt(-diff2[i]) * _FWHM_TO_SIGMA / wave[i]
+        warnings.warn(
+            f"the galaxy's rest-frame FWHM ({gal_i:.3f} Å at {wave[i]:.1f} Å) is finer than the "
+            f"templates' ({fwhm_tpl[i]:.3f} Å) on {bad.sum() / fitted.sum():.0%} of the fitted range; "
+            f"the templates are used unbroadened there (as pPXF does), so they are up to "
+            f"{excess:.1f} km/s too broad in quadrature (a fitted sigma of 100 km/s comes out "
+            f"{100 - np.sqrt(max(100**2 - excess**2, 0)):.1f} km/s low); use higher-resolution "
+            "templates to avoid this",
+            stacklevel=2,
         )
     sigma_pix = np.sqrt(np.clip(diff2, 0, None)) * _FWHM_TO_SIGMA / np.gradient(wave)
 

@@ -95,6 +95,7 @@ def test_info_emiles(capsys):
     assert len(info["ages"]) == 25 and len(info["metallicities"]) == 6
     assert info["metallicities"] == [-1.71, -1.31, -0.71, -0.4, 0.0, 0.22]
     assert info["wave_min"] == pytest.approx(1680.2) and info["fwhm"] == pytest.approx(2.51)
+    assert info["fwhm_max"] == pytest.approx(23.57, abs=0.01)  # sigma = 60 km/s at 50000 Å
 
 
 def test_info_bare_image_is_a_one_line_error(tmp_path, capsys):

@@ -1,4 +1,6 @@
 """Tests for kinjax.templates: loaders, resolution matching, coverage, PCA, npz."""
+import re
+import warnings
 
 import numpy as np
 import pytest
@@ -62,7 +64,15 @@ def emiles():
 
 def test_load_emiles(emiles):
     t = emiles
-    assert t.n_templates == 150 and t.n_pix == 53689 and t.fwhm == 2.51 and not t.is_log
+    assert t.n_templates == 150 and t.n_pix == 53689 and not t.is_log
+    # resolution per pixel: MILES's 2.51 Å in 3540.5-8950 Å; the headers' "2.51 - 23.57 Å"
+    # range ends at the IRTF part's sigma = 60 km/s at 50000 Å
+    optical = (t.wave > 3541) & (t.wave < 8949)
+    assert np.all(t.fwhm[optical] == 2.51)
+    assert t.fwhm.min() == 2.51 and t.fwhm.max() == pytest.approx(23.57, abs=0.01)
+    red = t.wave > 8951
+    np.testing.assert_allclose(t.fwhm[red] * SIGMA / t.wave[red] * C_KMS, 60.0)
+    assert np.all(t.fwhm[t.wave < 3540] == 3.0)
     np.testing.assert_allclose(t.wave[[0, 1]], [1680.2, 1681.1])
     assert len(np.unique(t.metal)) == 6 and len(np.unique(t.age)) == 25
     np.testing.assert_allclose(np.unique(t.metal), [-1.71, -1.31, -0.71, -0.40, 0.0, 0.22])
@@ -164,10 +174,30 @@ def test_prepare_errors():
     with pytest.raises(KinjaxError, match="log-rebin the spectrum first"):
         lin = Spectrum(np.linspace(4800, 5300, 100), np.ones(100), 0.1, None, 4.2)
         prepare_templates(_line_templates([5000.0]), lin)
-    with pytest.raises(KinjaxError, match="finer than the templates"):
-        prepare_templates(_line_templates([5000.0]), _log_spectrum(fwhm=2.0))
     with pytest.raises(KinjaxError):
         prepare_templates(_line_templates([5000.0]), _log_spectrum(), normalise="max")
+
+
+def test_prepare_galaxy_sharper_than_templates():
+    """A galaxy FWHM finer than the templates' (MUSE against E-MILES): the templates are used
+    unbroadened (as pPXF does), with a warning that quantifies the excess width."""
+    tpl = _line_templates([5000.0])
+    with pytest.warns(UserWarning, match="finer than the templates") as record:
+        sharp = prepare_templates(tpl, _log_spectrum(fwhm=2.0))
+    same = prepare_templates(tpl, _log_spectrum(fwhm=2.51))  # equal FWHM: no broadening
+    np.testing.assert_array_equal(sharp.flux, same.flux)
+    assert "on 100% of the fitted range" in str(record[0].message)
+    # the excess sigma (km/s) it reports is the FWHMs' quadrature difference at the blue end
+    # of the galaxy's range (4800 Å)
+    reported = float(re.search(r"up to ([0-9.]+) km/s", str(record[0].message)).group(1))
+    assert reported == pytest.approx(C_KMS * np.sqrt(2.51**2 - 2.0**2) * SIGMA / 4800.0, abs=0.05)
+    # a galaxy sharper than the templates only in the vmax margin, not in its own range: silent
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        margin_only = Templates(wave=tpl.wave, flux=tpl.flux, fwhm=np.where(tpl.wave < 4790, 2.8, 2.51))
+        prepare_templates(margin_only, _log_spectrum(fwhm=2.6))
+    # its line is measurably broader than the galaxy's FWHM asks for
+    assert _measured_fwhm(sharp, 5000.0)[0] == pytest.approx(2.51, rel=0.02)
 
 
 def test_prepare_emiles_like_ppxf_example(emiles):
