@@ -287,3 +287,25 @@ def test_likelihood_only_divides_out_the_h_prior():
     g2 = losvd_spec("gauss2")
     th2 = np.tile(g2.initial(0.0, 100.0), (2, 1))
     np.testing.assert_array_equal(likelihood_only(g2, th2, np.tile(np.eye(5), (2, 1, 1)))[0], th2)
+
+
+def test_sanders_evans_gp_map_beats_spaxel_fits():
+    """The 3D model with the Sanders–Evans family: the GP fit's mean velocity and dispersion
+    maps are closer to the truth than the spaxel fits' (here 6.7 / 12.8 against 20.4 / 37.3
+    km/s), and their errors still cover it."""
+    from kinjax.cube_fit import fit_cube_spaxels
+    from kinjax.cube_model import fit_cube_gp
+
+    cube, truth, tpl = make_test_cube()
+    spax = fit_cube_spaxels(cube, tpl, losvd="se", vmax=1000.0, progress=False, chunk_size=4)
+    gp = fit_cube_gp(cube, tpl, losvd="se", vmax=1000.0, init=spax, progress=False)
+    assert gp.method == "gp-map" and gp.fitted.all() and gp.names[:2] == ("v", "sigma")
+    mom = truth_moments(truth)
+
+    def rmse(a, b):
+        return float(np.sqrt(np.mean((a - b) ** 2)))
+
+    assert rmse(gp.mean_v, mom[:, 0]) < 0.8 * rmse(spax.mean_v, mom[:, 0])
+    assert rmse(gp.dispersion, mom[:, 1]) < 0.8 * rmse(spax.dispersion, mom[:, 1])
+    for est, err, true in ((gp.mean_v, gp.mean_v_err, mom[:, 0]), (gp.dispersion, gp.dispersion_err, mom[:, 1])):
+        assert np.mean(np.abs(est - true) < 2 * err) >= 0.75
