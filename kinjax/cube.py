@@ -42,6 +42,8 @@ MUSE_PIXEL_SCALE = 0.2
 MANGA_PIXEL_SCALE = 0.5
 #: MANGA_DRP3PIXMASK bit 10 (DONOTUSE): the pixel should not be used for science.
 MANGA_DONOTUSE = 1 << 10
+#: MANGA_DRP3PIXMASK bit 3 (FORESTAR): a foreground star; the MaNGA DAP skips it too.
+MANGA_FORESTAR = 1 << 3
 #: Gaussian FWHM / sigma.
 SIGMA_TO_FWHM = 2.0 * np.sqrt(2.0 * np.log(2.0))
 
@@ -629,37 +631,54 @@ def read_muse(path, *, fwhm=None, redshift=0.0, require_fwhm=True) -> Cube:
 
 
 def _manga_fwhm(hdul, wave_air):
-    """Instrumental FWHM (Å, shape (n_wave,)) from SPECRES, else PREDISP / LSFPRE."""
-    if "SPECRES" in hdul and hdul["SPECRES"].data is not None:
-        res = np.asarray(hdul["SPECRES"].data, dtype=np.float64).reshape(-1)
+    """Instrumental FWHM (Å, shape (n_wave,)): the pre-pixelised LSF first (PRESPECRES, else
+    the median over spaxels of PREDISP / LSFPRE), else the post-pixelised SPECRES.
+
+    kinjax's forward model integrates the LOSVD-broadened templates over each pixel, so
+    the LSF to match is the one before pixelisation, as the MaNGA DAP uses with pPXF.
+    """
+
+    def from_resolution(ext):
+        res = np.asarray(hdul[ext].data, dtype=np.float64).reshape(-1)
         ok = np.isfinite(res) & (res > 0)
         if res.size == wave_air.size and ok.any():
-            res = np.interp(wave_air, wave_air[ok], res[ok])
-            return wave_air / res
-    for ext in ("PREDISP", "LSFPRE"):
+            return wave_air / np.interp(wave_air, wave_air[ok], res[ok])
+        return None
+
+    def from_sigma(ext):
+        sig = np.asarray(hdul[ext].data, dtype=np.float64)
+        sig = np.where(np.isfinite(sig) & (sig > 0), sig, np.nan).reshape(sig.shape[0], -1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            med = np.nanmedian(sig, axis=1)
+        ok = np.isfinite(med)
+        if med.size == wave_air.size and ok.any():
+            return SIGMA_TO_FWHM * np.interp(wave_air, wave_air[ok], med[ok])
+        return None
+
+    for ext, read in (("PRESPECRES", from_resolution), ("PREDISP", from_sigma), ("LSFPRE", from_sigma),
+                      ("SPECRES", from_resolution)):
         if ext in hdul and hdul[ext].data is not None:
-            sig = np.asarray(hdul[ext].data, dtype=np.float64)
-            sig = np.where(np.isfinite(sig) & (sig > 0), sig, np.nan).reshape(sig.shape[0], -1)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)
-                med = np.nanmedian(sig, axis=1)
-            ok = np.isfinite(med)
-            if med.size == wave_air.size and ok.any():
-                return SIGMA_TO_FWHM * np.interp(wave_air, wave_air[ok], med[ok])
+            fwhm = read(ext)
+            if fwhm is not None:
+                return fwhm
     return None
 
 
 def read_manga(path, *, fwhm=None, redshift=0.0, require_fwhm=True) -> Cube:
     """Read a MaNGA DRP LOGCUBE: FLUX, IVAR, MASK (n_λ, n_y, n_x) and WAVE (vacuum Å).
 
-    Pixels with IVAR ≤ 0 or the DONOTUSE bit (10, value 1024) of MASK are masked;
+    Pixels with IVAR ≤ 0 or the DONOTUSE (10, value 1024) or FORESTAR (3, value 8) bit
+    of MASK are masked, as the MaNGA DAP does;
     noise = 1/sqrt(IVAR). Wavelengths are converted to air (`vacuum_to_air`), so the
     axis is no longer exactly log-uniform: ``velscale`` is None (call `Cube.log_rebin`).
 
-    The FWHM (Å, per wavelength) comes from ``fwhm`` if given, else from SPECRES (the
-    DRP's median spectral resolution R = λ/Δλ_FWHM; FWHM = λ/R), else from PREDISP
-    (DR15) or LSFPRE (DR17), the per-spaxel 1σ width in Å of the pre-pixelised Gaussian
-    LSF: FWHM = 2.3548 × the median over spaxels. Spaxels are 0.5" (or the WCS scale).
+    The FWHM (Å, per wavelength) comes from ``fwhm`` if given, else from the DRP's
+    pre-pixelised line-spread function, which is what the MaNGA DAP gives pPXF and what
+    kinjax's forward model (which integrates over pixels) must match: PRESPECRES (the
+    median resolution R = λ/Δλ_FWHM; FWHM = λ/R), else PREDISP (DR15) or LSFPRE (DR17),
+    the per-spaxel 1σ width in Å (FWHM = 2.3548 × the median over spaxels); failing
+    those, the post-pixelised SPECRES. Spaxels are 0.5" (or the WCS scale).
     """
     from astropy.io import fits
 
@@ -677,14 +696,15 @@ def read_manga(path, *, fwhm=None, redshift=0.0, require_fwhm=True) -> Cube:
     if flux_c.ndim != 3 or ivar_c.shape != flux_c.shape or wave_vac.size != flux_c.shape[0]:
         raise KinjaxError(f"{path}: FLUX and IVAR must be (n_wave, n_y, n_x) with len(WAVE) = n_wave")
     if fwhm is None and require_fwhm:
-        raise KinjaxError(f"{path}: no SPECRES or PREDISP/LSFPRE extension to give the FWHM; pass fwhm=... / --fwhm (Å)")
+        raise KinjaxError(f"{path}: no PRESPECRES, PREDISP, LSFPRE or SPECRES extension to give the FWHM; "
+                          "pass fwhm=... / --fwhm (Å)")
     n_wave, n_y, n_x = flux_c.shape
     ivar = _flatten_cube(ivar_c).astype(np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
         noise = np.where(ivar > 0, 1.0 / np.sqrt(ivar), np.nan)
     mask = ivar > 0
     if bits_c is not None:
-        mask &= (_flatten_cube(bits_c).astype(np.int64) & MANGA_DONOTUSE) == 0
+        mask &= (_flatten_cube(bits_c).astype(np.int64) & (MANGA_DONOTUSE | MANGA_FORESTAR)) == 0
     x, y, grid_index = _grid_positions(n_y, n_x, *_pixel_scales(hdr, MANGA_PIXEL_SCALE)[::-1])
     name = str(primary.get("PLATEIFU", primary.get("OBJECT", ""))).strip()
     return Cube(wave, _flatten_cube(flux_c), noise, mask, x, y, fwhm, redshift=redshift,

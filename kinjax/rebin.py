@@ -28,7 +28,9 @@ spectra keep pPXF's convention unless ``kinjax fit --rebin-lsf``); with it the s
 were off by +1.1 km/s (0.5 Å pixels: −0.2 km/s; FWHM 4 Å: +0.7 instead of +3.1 km/s).
 The rest comes from the coarse sampling (2.1 pixels per FWHM), which a variance
 correction cannot capture exactly. Rebinning onto the input's own grid changes nothing
-and keeps the FWHM.
+and keeps the FWHM; onto the same pixels shifted by a fraction f of a pixel (a grid
+that is log-uniform up to the vacuum-to-air conversion, as MaNGA's) each output pixel
+mixes two input pixels, which adds a variance f (1 − f) Δλ² instead of the boxcar's.
 """
 
 from __future__ import annotations
@@ -255,8 +257,18 @@ def rebinned_fwhm(wave, fwhm, wave_new):
     fwhm_new = np.interp(wave_new, wave, np.asarray(fwhm, float)) if arr else float(fwhm)
     if wave_new.shape == wave.shape and np.allclose(wave_new, wave, rtol=1e-9, atol=0):
         return fwhm_new
-    width = np.diff(pixel_edges(wave))
+    edges = pixel_edges(wave)
+    width = np.diff(edges)
     extra = 8.0 * np.log(2.0) / 12.0
+    if wave_new.shape == wave.shape:
+        # the same pixels shifted by a fraction f of a pixel (e.g. MaNGA's log grid after
+        # the vacuum-to-air conversion, f < 0.03): each output pixel mixes two input
+        # pixels with weights (1 - f, f), a kernel of variance f (1 - f) Δλ², not a boxcar
+        u = np.interp(pixel_edges(wave_new), edges, np.arange(edges.size))
+        shift = np.abs(u - np.round(u))
+        if shift.max() < 0.25 and np.allclose(np.diff(u), 1.0, atol=0.01):
+            f = 0.5 * (shift[1:] + shift[:-1])
+            return np.sqrt(fwhm_new**2 + 8.0 * np.log(2.0) * f * (1 - f) * np.interp(wave_new, wave, width) ** 2)
     if not arr and np.allclose(width, width[0], rtol=1e-6):
         return float(np.sqrt(fwhm_new**2 + extra * width[0] ** 2))
     return np.sqrt(fwhm_new**2 + extra * np.interp(wave_new, wave, width) ** 2)

@@ -64,6 +64,7 @@ def write_manga(path, resolution="SPECRES"):
     mask = np.zeros(flux.shape, dtype=np.int32)
     mask[40:43, 0, 1] = 1024  # DONOTUSE
     mask[60, 0, 1] = 2  # LOWCOV alone: still usable
+    mask[70, 0, 1] = 8  # FORESTAR: a foreground star
     hdus = [fits.PrimaryHDU(header=fits.Header({"PLATEIFU": "1-1"})),
             fits.ImageHDU(flux, name="FLUX"), fits.ImageHDU(ivar, name="IVAR"),
             fits.ImageHDU(mask, name="MASK"), fits.ImageHDU(wave_vac, name="WAVE")]
@@ -74,6 +75,9 @@ def write_manga(path, resolution="SPECRES"):
         hdus.append(fits.ImageHDU(res, name="SPECRES"))
     elif resolution == "PREDISP":
         hdus.append(fits.ImageHDU(sigma, name="PREDISP"))
+    elif resolution == "both":  # DR15+: post- and pre-pixelised (here 10 % sharper) resolution
+        hdus.append(fits.ImageHDU(res, name="SPECRES"))
+        hdus.append(fits.ImageHDU(1.1 * res, name="PRESPECRES"))
     fits.HDUList(hdus).writeto(path)
     return wave_vac, flux, ivar, mask, res
 
@@ -180,7 +184,7 @@ def test_read_manga_air_wavelengths_noise_bits_and_specres(tmp_path):
     np.testing.assert_allclose(cube.noise[0], 0.05)  # 1/sqrt(400)
     assert not cube.mask[5, 30] and cube.mask[5, 29]  # IVAR = 0
     assert not cube.mask[2 * N_X + 3].any()  # no coverage at all
-    assert np.array_equal(np.flatnonzero(~cube.mask[1]), [40, 41, 42])  # DONOTUSE only
+    assert np.array_equal(np.flatnonzero(~cube.mask[1]), [40, 41, 42, 70])  # DONOTUSE, FORESTAR
     np.testing.assert_allclose(cube.fwhm, cube.wave / res)
     np.testing.assert_allclose(np.unique(cube.x), 0.5 * (np.arange(N_X) - 1.5))
 
@@ -191,6 +195,15 @@ def test_read_manga_fwhm_from_predisp(tmp_path):
     cube = read_manga(path)
     # median over spaxels of sigma (the odd spaxel ignored) times 2 sqrt(2 ln 2)
     np.testing.assert_allclose(cube.fwhm, wave_vac / res, rtol=1e-5)
+
+
+def test_read_manga_prefers_the_pre_pixelised_resolution(tmp_path):
+    """kinjax's model integrates over pixels, so it matches the pre-pixelised LSF (as the
+    MaNGA DAP does with pPXF): PRESPECRES over SPECRES when a file has both."""
+    path = tmp_path / "manga-1-1-LOGCUBE.fits"
+    wave_vac, _, _, _, res = write_manga(path, resolution="both")
+    cube = read_manga(path)
+    np.testing.assert_allclose(cube.fwhm, cube.wave / (1.1 * res))
 
 
 def test_read_manga_without_resolution_needs_fwhm(tmp_path):
