@@ -524,7 +524,8 @@ def detect_format(hdul) -> str:
     -------
     str
         "muse" (DATA + STAT images), "manga" (FLUX + IVAR + WAVE), "atlas3d" (a binary
-        table with DATA_SPE) or "spectrum" (a 1D primary image: not a cube).
+        table with DATA_SPE) or "spectrum" (not a cube: a 1D primary image, or an
+        SDSS-style table with ``flux`` and ``loglam`` / ``wavelength``).
 
     Raises
     ------
@@ -548,6 +549,10 @@ def detect_format(hdul) -> str:
             return "atlas3d"
     if hdul[0].header.get("NAXIS", 0) == 1 and len(hdul) >= 1 and hdul[0].data is not None:
         return "spectrum"
+    from kinjax.spectrum import _sdss_table
+
+    if hdul[0].data is None and _sdss_table(hdul) is not None:
+        return "spectrum"  # an SDSS-style table (kinjax.spectrum.read_sdss_spectrum)
     raise KinjaxError(_UNRECOGNISED.format(name=label))
 
 

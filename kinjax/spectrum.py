@@ -14,6 +14,7 @@ from kinjax.rebin import carried_fwhm, log_rebin_matrix
 __all__ = [
     "Spectrum",
     "read_spectrum",
+    "read_sdss_spectrum",
     "emission_line_mask",
     "EMISSION_LINES",
     "EMISSION_LINES_EXTENDED",
@@ -364,6 +365,95 @@ def _linear_wave(header, n, path):
     return wave * _UNIT_TO_ANGSTROM[unit]
 
 
+def _sdss_table(hdul):
+    """The HDU of an SDSS-style spectrum table (COADD first), or None."""
+    from astropy.io import fits
+
+    tables = [h for h in hdul[1:] if isinstance(h, fits.BinTableHDU)]
+    tables.sort(key=lambda h: h.name.upper() != "COADD")
+    for h in tables:
+        names = {c.lower() for c in h.columns.names}
+        if "flux" in names and names & {"loglam", "wavelength"}:
+            return h
+    return None
+
+
+def read_sdss_spectrum(path, *, noise=None, fwhm=None, redshift=0.0, name=None) -> Spectrum:
+    """Read an SDSS / BOSS spectrum (``spec-PLATE-MJD-FIBER.fits`` or a table like it).
+
+    The table is the ``COADD`` extension, or the first binary table with a ``flux``
+    column. Wavelengths come from ``loglam`` (log10 Å) or ``wavelength`` (Å); both are
+    vacuum wavelengths and are converted to air (:func:`kinjax.cube.vacuum_to_air`), as
+    the E-MILES templates are in air. (pPXF's SDSS examples either scale the
+    wavelengths by the median air/vacuum ratio or leave them in vacuum; the latter
+    shifts V by about +83 km/s.)
+
+    Parameters
+    ----------
+    path : str or Path
+    noise : float or array_like (n_pix,), optional
+        1σ noise; default from ``ivar`` / ``inverse_variance`` (pixels with ivar ≤ 0
+        masked). Pixels with a non-zero ``and_mask`` are masked either way.
+    fwhm : float or array_like (n_pix,), optional
+        Instrumental FWHM in Å; default from ``wdisp`` (the 1σ line width in pixels:
+        FWHM = 2.3548 × wdisp × the pixel width in Å). Older tables without ``wdisp``
+        need it (SDSS: about 2.76 Å).
+    redshift : float
+        Systemic redshift (velocities are measured relative to it).
+    name : str, optional
+
+    Returns
+    -------
+    Spectrum
+        Air wavelengths, not exactly log-uniform (``velscale=None``).
+    """
+    from astropy.io import fits
+
+    from kinjax.cube import vacuum_to_air
+    from kinjax.rebin import pixel_edges
+
+    path = Path(path)
+    if not path.exists():
+        raise KinjaxError(f"{path} does not exist")
+    with fits.open(path) as hdul:
+        table = _sdss_table(hdul)
+        if table is None:
+            raise KinjaxError(f"{path} has no SDSS-style table (a 'flux' column with 'loglam' or 'wavelength')")
+        cols = {c.lower(): c for c in table.columns.names}
+        data = table.data
+        flux = np.asarray(data[cols["flux"]], dtype=np.float64)
+        if "loglam" in cols:
+            wave_vac = 10.0 ** np.asarray(data[cols["loglam"]], dtype=np.float64)
+        else:
+            wave_vac = np.asarray(data[cols["wavelength"]], dtype=np.float64)
+        ivar_key = cols.get("ivar", cols.get("inverse_variance"))
+        ivar = None if ivar_key is None else np.asarray(data[ivar_key], dtype=np.float64)
+        and_mask = np.asarray(data[cols["and_mask"]]) if "and_mask" in cols else None
+        wdisp = np.asarray(data[cols["wdisp"]], dtype=np.float64) if "wdisp" in cols else None
+    mask = np.isfinite(flux)
+    if and_mask is not None:
+        mask &= and_mask == 0
+    if ivar is not None:
+        mask &= np.isfinite(ivar) & (ivar > 0)
+    if noise is None:
+        if ivar is None:
+            raise KinjaxError(f"{path} has no ivar / inverse_variance column; pass noise=... (1σ per pixel)")
+        with np.errstate(divide="ignore", invalid="ignore"):
+            noise = np.where(ivar > 0, 1.0 / np.sqrt(ivar), np.nan)
+    wave = vacuum_to_air(wave_vac)
+    if fwhm is None:
+        if wdisp is None:
+            raise KinjaxError(f"{path} has no wdisp column to give the resolution; pass fwhm=... (Å; SDSS about 2.76)")
+        good = np.isfinite(wdisp) & (wdisp > 0)
+        if not good.any():
+            raise KinjaxError(f"{path}: wdisp has no positive values; pass fwhm=... (Å)")
+        fwhm = 2.3548200450309493 * np.interp(wave, wave[good], wdisp[good]) * np.diff(pixel_edges(wave))
+    if not mask.any():
+        raise KinjaxError(f"{path}: every pixel is flagged (ivar <= 0 or and_mask set); nothing to fit")
+    return Spectrum(wave=wave, flux=flux, noise=noise, mask=mask, fwhm=fwhm, redshift=redshift,
+                    name=path.stem if name is None else name)
+
+
 def _noise_from_extensions(hdul, n):
     """(noise, extra_good) from a NOISE/ERROR/ERR, VAR or IVAR extension, or None."""
     names = {h.name.upper(): h for h in hdul[1:]}
@@ -382,13 +472,15 @@ def _noise_from_extensions(hdul, n):
 
 
 def read_spectrum(path, *, noise=None, fwhm=None, redshift=0.0, hdu=0, name=None) -> Spectrum:
-    """Read a 1D FITS spectrum with a linear wavelength axis.
+    """Read a 1D FITS spectrum with a linear wavelength axis, or an SDSS spectrum.
 
     Parameters
     ----------
     path : str or Path
         FITS file; HDU ``hdu`` holds the flux as a 1D image with CRVAL1, CDELT1
-        (or CD1_1) and CRPIX1 (default 1) in Å (CUNIT1 nm is converted).
+        (or CD1_1) and CRPIX1 (default 1) in Å (CUNIT1 nm is converted). A file
+        whose primary HDU is empty and which has an SDSS-style table (``flux`` with
+        ``loglam`` or ``wavelength``) is read by :func:`read_sdss_spectrum`.
     noise : float or array_like (n_pix,), optional
         1σ noise. If None, an extension NOISE/ERROR/ERR (σ), VAR/VARIANCE/STAT
         (variance) or IVAR (inverse variance; ivar <= 0 pixels are masked) is used.
@@ -412,6 +504,8 @@ def read_spectrum(path, *, noise=None, fwhm=None, redshift=0.0, hdu=0, name=None
     if not path.exists():
         raise KinjaxError(f"{path} does not exist")
     with fits.open(path) as hdul:
+        if hdu == 0 and hdul[0].data is None and _sdss_table(hdul) is not None:
+            return read_sdss_spectrum(path, noise=noise, fwhm=fwhm, redshift=redshift, name=name)
         header = hdul[hdu].header
         data = hdul[hdu].data
         if data is None or np.asarray(data).squeeze().ndim != 1:

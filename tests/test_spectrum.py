@@ -12,6 +12,7 @@ from kinjax.spectrum import (
     EMISSION_LINES_EXTENDED,
     Spectrum,
     emission_line_mask,
+    read_sdss_spectrum,
     read_spectrum,
 )
 
@@ -201,6 +202,63 @@ def test_read_spectrum_errors(tmp_path):
         read_spectrum(p2, noise=0.1, fwhm=2.0)
     with pytest.raises(KinjaxError, match="does not exist"):
         read_spectrum(tmp_path / "nope.fits", noise=0.1, fwhm=2.0)
+
+
+def _ppxf_spectrum(name):
+    import os
+
+    ppxf = pytest.importorskip("ppxf")
+    return os.path.join(os.path.dirname(ppxf.__file__), "spectra", name)
+
+
+def test_read_sdss_spectrum_coadd():
+    """pPXF's SDSS DR12 spectrum of NGC 4636 (COADD table): vacuum log-λ converted to
+    air, σ = 1/sqrt(ivar), FWHM = 2.3548 wdisp × the pixel width (Å)."""
+    from astropy.io import fits
+
+    from kinjax.cube import vacuum_to_air
+
+    path = _ppxf_spectrum("NGC4636_SDSS_DR12.fits")
+    t = fits.getdata(path, "COADD")
+    s = read_spectrum(path, redshift=0.003129)
+    wave_vac = 10.0 ** t["loglam"].astype(float)
+    np.testing.assert_allclose(s.wave, vacuum_to_air(wave_vac), rtol=1e-12)
+    assert np.all((wave_vac - s.wave) / wave_vac * C_KMS > 80) and s.velscale is None  # ~83 km/s
+    np.testing.assert_allclose(s.noise, 1 / np.sqrt(t["ivar"].astype(float)), rtol=1e-6)
+    np.testing.assert_allclose(s.fwhm, 2.3548200450309493 * t["wdisp"] * np.diff(pixel_edges(s.wave)), rtol=1e-6)
+    assert 2.0 < np.median(s.fwhm) < 3.5 and s.n_good == t.size and s.redshift == 0.003129
+
+
+def test_read_sdss_spectrum_table(tmp_path):
+    """An older SDSS table (``wavelength``, ``inverse_variance``, ``and_mask``, no
+    ``wdisp``): flagged pixels masked, the resolution must be given."""
+    from astropy.io import fits
+
+    n = 300
+    wave = 10 ** (3.7 + 1e-4 * np.arange(n))
+    ivar = np.full(n, 100.0)
+    ivar[10] = 0.0
+    and_mask = np.zeros(n, np.int32)
+    and_mask[20] = 1 << 23  # BRIGHTSKY
+    cols = [fits.Column(name="flux", format="D", array=np.ones(n)),
+            fits.Column(name="wavelength", format="D", array=wave),
+            fits.Column(name="inverse_variance", format="D", array=ivar),
+            fits.Column(name="and_mask", format="J", array=and_mask)]
+    path = tmp_path / "sdss.fits"
+    fits.HDUList([fits.PrimaryHDU(), fits.BinTableHDU.from_columns(cols)]).writeto(path)
+    with pytest.raises(KinjaxError, match="wdisp"):
+        read_spectrum(path)
+    s = read_sdss_spectrum(path, fwhm=2.76)
+    assert s.fwhm == 2.76 and not s.mask[10] and not s.mask[20] and s.n_good == n - 2
+    assert s.noise[0] == pytest.approx(0.1)
+    # a constant noise replaces ivar, the flags still apply
+    s = read_spectrum(path, fwhm=2.76, noise=0.5)
+    assert np.all(s.noise == 0.5) and s.n_good == n - 2
+    all_bad = tmp_path / "bad.fits"
+    cols[2] = fits.Column(name="inverse_variance", format="D", array=np.zeros(n))
+    fits.HDUList([fits.PrimaryHDU(), fits.BinTableHDU.from_columns(cols)]).writeto(all_bad)
+    with pytest.raises(KinjaxError, match="every pixel is flagged"):
+        read_spectrum(all_bad, fwhm=2.76)
 
 
 def test_crop():
