@@ -216,7 +216,7 @@ def _ppxf_sdss_fit(path, z, noise, degree):
 def test_cli_fit_sdss_spectrum_agrees_with_ppxf(tmp_path):
     """A second real spectrum: pPXF's SDSS DR12 spectrum of NGC 4636 (3838 pixels, FWHM from
     wdisp, vacuum wavelengths made air). kinjax's MAP agrees with pPXF 8.2.6 run here on the
-    same data and set-up (V = -18, sigma = 232 km/s, h3 = -0.021, h4 = 0.095 relative to
+    same data and set-up (V = -18.2, sigma = 232.0 km/s, h3 = -0.021, h4 = 0.095 relative to
     z = 0.003129) within half of pPXF's errors. pPXF's own example reports sigma = 224 and
     h4 = 0.084: it uses a trigonometric additive series, and its V is in vacuum (+83 km/s)."""
     import os
