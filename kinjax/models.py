@@ -19,7 +19,8 @@ Priors (weakly informative, no galaxy-specific constants):
 
 - every LOSVD parameter: uniform within the family's bounds (:mod:`kinjax.family`),
   times Normal(0, ``spec.h_prior``) on each Gauss–Hermite h_m; for the histogram, a
-  random walk on neighbouring logits of scale ``spec.smoothness``;
+  random walk on the third differences of neighbouring logits of scale
+  ``spec.smoothness`` and a Normal(−12, 3) prior on the log mass of the edge bins;
 - multiplicative Legendre coefficients: Normal(0, 1);
 - linear parameters: none (profiled; template weights ≥ 0 unless PCA components).
 """

@@ -234,3 +234,21 @@ def test_emission_lines_are_masked_by_default():
     assert rms(masked) < 1.5 * np.median(masked.theta_err[:, 0])
     assert rms(raw) > 1.5 * rms(masked)
     assert np.median(raw.chi2 / raw.dof) > 3 * np.median(masked.chi2 / masked.dof)
+
+
+def test_histogram_moments_against_the_truth():
+    """Histogram LOSVDs of a Gauss–Hermite-truth cube at S/N 50: the mean velocity and
+    dispersion of the recovered histograms. Under the old first-difference prior the
+    wings kept a floor and the dispersion came out 154 km/s high (RMSE 158); with the
+    third-difference prior and the edge anchor, +14 km/s (RMSE 27; Gauss–Hermite fits of
+    the same cube: 10 km/s)."""
+    from kinjax.cube_fit import fit_cube_spaxels
+
+    cube, truth, tpl = make_test_cube(shape=(4, 4), snr=50.0)
+    fit = fit_cube_spaxels(cube, tpl, losvd="hist", vmax=1000.0, progress=False, chunk_size=4)
+    mom = truth_moments(truth)
+    d_v, d_s = fit.mean_v - mom[:, 0], fit.dispersion - mom[:, 1]
+    assert np.sqrt(np.mean(d_v**2)) < 25 and abs(np.mean(d_v)) < 8
+    assert np.sqrt(np.mean(d_s**2)) < 40 and np.mean(d_s) < 25
+    assert np.mean(np.abs(d_v) < 2 * fit.mean_v_err) >= 0.75
+    assert np.mean(np.abs(d_s) < 2 * fit.dispersion_err) >= 0.75

@@ -295,6 +295,28 @@ def test_sanders_evans_shape_prior():
     np.testing.assert_allclose(np.asarray(losvd_spec("se", kernel="laplace").prior_residuals(theta[:4])), [0.5, -0.5])
 
 
+def test_histogram_prior():
+    """The histogram prior: third differences of the logits (a Gaussian's quadratic logits
+    cost nothing), the edge bins' log mass about Normal(-12, 3), the mean logit weakly
+    anchored; checked against the formula written out."""
+    from scipy.special import logsumexp
+
+    from kinjax.family import HIST_EDGE_LOGMASS, losvd_spec
+
+    spec = losvd_spec("hist", velscale=60.0)
+    c = np.asarray(spec.options["centres"])
+    gauss = -0.5 * ((c - 40.0) / 120.0) ** 2
+    res = np.asarray(spec.prior_residuals(jnp.asarray(gauss)))
+    n = c.size
+    assert res.shape == (n - 3 + 2 + 1,)
+    np.testing.assert_allclose(res[: n - 3], 0.0, atol=1e-12)  # no smoothing cost for a Gaussian
+    log_mass = gauss[[0, -1]] - logsumexp(gauss)
+    np.testing.assert_allclose(res[n - 3: n - 1], (log_mass - HIST_EDGE_LOGMASS[0]) / HIST_EDGE_LOGMASS[1])
+    assert res[-1] == pytest.approx(np.mean(gauss) / 10.0)
+    wiggle = gauss + 0.3 * np.cos(np.arange(n))  # a departure from the Gaussian is penalised
+    assert np.sum(np.asarray(spec.prior_residuals(jnp.asarray(wiggle)))[: n - 3] ** 2) > 10  # 28
+
+
 def test_setup_fit_rebin_lsf_widens_the_fwhm_by_the_pixel_boxcar():
     """``rebin_lsf``: a linear spectrum log-rebinned by setup_fit gets sqrt(FWHM² + 8 ln2 Δλ²/12)."""
     from kinjax.spectrum import Spectrum
