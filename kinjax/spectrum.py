@@ -378,6 +378,17 @@ def _sdss_table(hdul):
     return None
 
 
+def _sdss_redshift(hdul, table):
+    """The SDSS pipeline's redshift: ``Z`` in the table header or the SPECOBJ table, else None."""
+    if "Z" in table.header:
+        return float(table.header["Z"])
+    if "SPECOBJ" in hdul and hdul["SPECOBJ"].data is not None:
+        names = [c.upper() for c in hdul["SPECOBJ"].columns.names]
+        if "Z" in names:
+            return float(np.ravel(hdul["SPECOBJ"].data["Z"])[0])
+    return None
+
+
 def read_sdss_spectrum(path, *, noise=None, fwhm=None, redshift=0.0, name=None) -> Spectrum:
     """Read an SDSS / BOSS spectrum (``spec-PLATE-MJD-FIBER.fits`` or a table like it).
 
@@ -399,7 +410,8 @@ def read_sdss_spectrum(path, *, noise=None, fwhm=None, redshift=0.0, name=None) 
         FWHM = 2.3548 × wdisp × the pixel width in Å). Older tables without ``wdisp``
         need it (SDSS: about 2.76 Å).
     redshift : float
-        Systemic redshift (velocities are measured relative to it).
+        Systemic redshift (velocities are measured relative to it). Left at 0 for a
+        file whose pipeline redshift (``Z``) exceeds 0.001, a warning gives that value.
     name : str, optional
 
     Returns
@@ -430,6 +442,13 @@ def read_sdss_spectrum(path, *, noise=None, fwhm=None, redshift=0.0, name=None) 
         ivar = None if ivar_key is None else np.asarray(data[ivar_key], dtype=np.float64)
         and_mask = np.asarray(data[cols["and_mask"]]) if "and_mask" in cols else None
         wdisp = np.asarray(data[cols["wdisp"]], dtype=np.float64) if "wdisp" in cols else None
+        catalogue_z = _sdss_redshift(hdul, table)
+    if redshift == 0.0 and catalogue_z is not None and abs(catalogue_z) > 1e-3:
+        import warnings
+
+        warnings.warn(f"{path.name}: the file's catalogue redshift is z = {catalogue_z:.6g}, but velocities are "
+                      "measured from z = 0 and emission lines masked there; pass redshift= (--redshift)",
+                      stacklevel=2)
     mask = np.isfinite(flux)
     if and_mask is not None:
         mask &= and_mask == 0

@@ -227,6 +227,10 @@ def test_read_sdss_spectrum_coadd():
     np.testing.assert_allclose(s.noise, 1 / np.sqrt(t["ivar"].astype(float)), rtol=1e-6)
     np.testing.assert_allclose(s.fwhm, 2.3548200450309493 * t["wdisp"] * np.diff(pixel_edges(s.wave)), rtol=1e-6)
     assert 2.0 < np.median(s.fwhm) < 3.5 and s.n_good == t.size and s.redshift == 0.003129
+    # left at z = 0, the pipeline's redshift (SPECOBJ Z) is pointed out
+    z_pipeline = float(fits.getdata(path, "SPECOBJ")["Z"][0])
+    with pytest.warns(UserWarning, match=f"catalogue redshift is z = {z_pipeline:.6g}"):
+        read_spectrum(path)
 
 
 def test_read_sdss_spectrum_table(tmp_path):
