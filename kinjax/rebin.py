@@ -259,7 +259,8 @@ def rebinned_fwhm(wave, fwhm, wave_new):
         return fwhm_new
     edges = pixel_edges(wave)
     width = np.diff(edges)
-    extra = 8.0 * np.log(2.0) / 12.0
+    per_var = 8.0 * np.log(2.0)  # FWHM² per unit of variance (σ² in Å²)
+    extra = per_var / 12.0  # the boxcar's variance, Δλ²/12
     if wave_new.shape == wave.shape:
         # the same pixels shifted by a fraction f of a pixel (e.g. MaNGA's log grid after
         # the vacuum-to-air conversion, f < 0.03): each output pixel mixes two input
@@ -268,7 +269,7 @@ def rebinned_fwhm(wave, fwhm, wave_new):
         shift = np.abs(u - np.round(u))
         if shift.max() < 0.25 and np.allclose(np.diff(u), 1.0, atol=0.01):
             f = 0.5 * (shift[1:] + shift[:-1])
-            return np.sqrt(fwhm_new**2 + 8.0 * np.log(2.0) * f * (1 - f) * np.interp(wave_new, wave, width) ** 2)
+            return np.sqrt(fwhm_new**2 + per_var * f * (1 - f) * np.interp(wave_new, wave, width) ** 2)
     if not arr and np.allclose(width, width[0], rtol=1e-6):
         return float(np.sqrt(fwhm_new**2 + extra * width[0] ** 2))
     return np.sqrt(fwhm_new**2 + extra * np.interp(wave_new, wave, width) ** 2)

@@ -421,7 +421,7 @@ def read_sdss_spectrum(path, *, noise=None, fwhm=None, redshift=0.0, name=None) 
     """
     from astropy.io import fits
 
-    from kinjax.cube import vacuum_to_air
+    from kinjax.cube import SIGMA_TO_FWHM, vacuum_to_air
     from kinjax.rebin import pixel_edges
 
     path = Path(path)
@@ -466,7 +466,7 @@ def read_sdss_spectrum(path, *, noise=None, fwhm=None, redshift=0.0, name=None) 
         good = np.isfinite(wdisp) & (wdisp > 0)
         if not good.any():
             raise KinjaxError(f"{path}: wdisp has no positive values; pass fwhm=... (Å)")
-        fwhm = 2.3548200450309493 * np.interp(wave, wave[good], wdisp[good]) * np.diff(pixel_edges(wave))
+        fwhm = SIGMA_TO_FWHM * np.interp(wave, wave[good], wdisp[good]) * np.diff(pixel_edges(wave))
     if not mask.any():
         raise KinjaxError(f"{path}: every pixel is flagged (ivar <= 0 or and_mask set); nothing to fit")
     return Spectrum(wave=wave, flux=flux, noise=noise, mask=mask, fwhm=fwhm, redshift=redshift,
