@@ -129,19 +129,22 @@ def prior_truths(n, sn=30, h_from_prior=True):
           "laplace", np.round(cell["laplace"]["coverage"], 2), flush=True)
 
 
-def se_cells(n_gh=50, n_se=24):
+def se_cells(n_fit=50, n_gh=200, n_se=100):
     """NUTS posteriors for montecarlo.py's Sanders-Evans mocks (S/N 30 and 100).
 
-    Written when the SE fits had flat priors and their Laplace errors of the dispersion
-    over-covered (0.92 at S/N 30 and 100; session 6 gave the shape weak priors, see
-    ``kinjax.family``). This replays the
-    random draws of ``montecarlo.py 50 24`` (its Gauss-Hermite cells come first), so the
-    mocks are that run's 24 per S/N, fits each with the SE family's MAP and then NUTS (4 x (300 + 250), the
-    linear parameters profiled, the family's default priors), and scores the mean V and
-    dispersion (θ[0], θ[1] of the SE family). Result added to the recorded JSON as
-    ``se_cells`` (the other cells are kept). Slow: in session 5 the second mock took more
-    than 2 minutes (the valley makes long trajectories) and the run was stopped, so nothing
-    is recorded yet.
+    Replays the random draws of ``montecarlo.py 200 100`` (the recorded Monte Carlo: its
+    Gauss-Hermite cells come first), so the mocks are that record's SE mocks, and fits the
+    first ``n_fit`` of them per S/N with the SE family's MAP and then NUTS (4 x (300 + 250),
+    the linear parameters profiled, the family's default priors, one compiled program for
+    every mock), scoring the mean V and dispersion (θ[0], θ[1] of the SE family; the MAP's
+    Laplace intervals on the same mocks come along). Result added to the recorded JSON as
+    ``se_cells`` (the other cells are kept).
+
+    History: until session 10 the whitening took the MAP's Laplace covariance as it was;
+    the SE MAP usually sits at σ_K's lower bound (0.01), where that covariance gave the
+    sampler coordinate of σ_K a standard deviation of ~640 against a posterior one of
+    ~0.6, trees ran to depth 9 and one posterior took about 2 minutes, so nothing was
+    recorded. :func:`kinjax.fit.nuts_inputs` now caps each coordinate's sd at 1.
     """
     import json
 
@@ -162,7 +165,7 @@ def se_cells(n_gh=50, n_se=24):
         if sn == 10:
             continue
         w = jnp.asarray(np.where(mask, 1.0 / sigma, 0.0))
-        cell = fit_cell(setup, run, ys, w, truths, sn, 5000 * sn, names=SE_NAMES)
+        cell = fit_cell(setup, run, ys[:n_fit], w, truths[:n_fit], sn, 5000 * sn, names=SE_NAMES)
         cell["machine"] = machine()
         cells.append(cell)
         out["se_cells"] = cells
@@ -183,7 +186,7 @@ def main():
         prior_truths(n, h_from_prior=False)
         return
     if "--se" in sys.argv:
-        se_cells()
+        se_cells(int(args[0]) if args else 50)
         return
     # S/N 10 is skipped by default: its posteriors are broad and multimodal, and 14 of 50
     # NUTS fits took 16 minutes (one of them 405 s; all methods fail at
@@ -255,7 +258,8 @@ def markdown(out):
         diag = "; ".join(f"S/N {c['sn']}: min-ESS median {c['min_ess_median']:.0f} (min {c['min_ess_min']:.0f}), "
                          f"max R-hat {c['rhat_max']:.3f}, {c['divergences_total']} divergences in "
                          f"{c['mocks_with_divergences']} mocks, {c['seconds_median']:.1f} s per spectrum" for c in cells)
-        text += (f"\n\n**Sanders–Evans truths** (`--se`: the 24 SE mocks per S/N of `montecarlo.py 50 24`, fitted with "
+        text += (f"\n\n**Sanders–Evans truths** (`--se {cells[0]['N']}`: the first {cells[0]['N']} SE mocks per S/N of "
+                 f"`montecarlo.py 200 100`, fitted with "
                  f"the SE family, mean V and dispersion scored): {diag}; {machine_line(cells[0]['machine'])}; "
                  f"total {out['se_total_s'] / 60:.1f} min.\n\n{t4}")
     return text

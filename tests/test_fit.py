@@ -132,6 +132,39 @@ def test_nuts_has_no_divergences_on_a_narrow_low_sn_line(setup):
     assert s["sigma"] - 3 * s["sigma_err"] < truth[1] < s["sigma"] + 3 * s["sigma_err"], s
 
 
+def test_nuts_sanders_evans_mixes_when_the_map_sits_on_a_bound(setup):
+    """The Sanders–Evans MAP of a noisy spectrum usually sits at σ_K's lower bound.
+
+    Its Laplace covariance there gave the sampler's σ_K coordinate an sd of ~640 (the
+    posterior's is ~0.6): with that whitening the warm-up had to undo it, trees ran up to
+    511 steps and this spectrum took about 3 minutes (mean 41 steps per draw over warm-up
+    and sampling). ``nuts_inputs`` caps each sd at ``WHITEN_SD_MAX`` (≈ 10 steps, ~12 s);
+    the posterior must still cover the truth.
+    """
+    import dataclasses
+
+    from kinjax.fit import WHITEN_SD_MAX, nuts_inputs
+
+    base = setup_fit(ngc4550(), noise=0.0047, losvd="se")
+    truth = SandersEvans(v=75.0, sigma=103.0, sigma_k=0.2, delta=-0.02, kappa=-0.5)
+    y, noise = _mock(base, truth, 30.0, 7)
+    spectrum = dataclasses.replace(base.spectrum.with_noise(np.full(y.size, noise)), flux=y)
+    se = dataclasses.replace(base, spectrum=spectrum)
+    sol = se.fitter(se.y, se.weights)
+    assert float(sol.theta[2]) < 0.02, np.asarray(sol.theta)  # the case in point: σ_K on its bound
+    _, _, _, chol = nuts_inputs(se.forward, se.spec, sol)
+    assert np.all(np.sqrt(np.diag(np.asarray(chol) @ np.asarray(chol).T)) <= WHITEN_SD_MAX + 1e-9)
+    r = fit_spectrum(None, setup=se, method="nuts", num_warmup=300, num_samples=250, num_chains=4, progress=False,
+                     seed=2)
+    d = r.diagnostics
+    assert d["mean_tree_steps"] < 31, d  # 41 without the cap
+    assert d["divergences"] <= 2 and max(d["r_hat"].values()) < 1.05, d
+    assert min(d["ess_bulk"][n] for n in ("v", "sigma")) > 200, d
+    s = r.summary()
+    for name, true in (("v", 75.0), ("sigma", 103.0)):
+        assert abs(s[name] - true) < 3 * s[f"{name}_err"], (name, s[name], s[f"{name}_err"])
+
+
 def test_map_sanders_evans_recovers_moments():
     base = setup_fit(ngc4550(), noise=0.0047, losvd="se")
     truth = SandersEvans(v=-80.0, sigma=150.0, sigma_k=0.8, delta=0.2, kappa=0.3)
