@@ -292,7 +292,9 @@ def fit_spectrum(
         lower = np.r_[spec.lower, np.full(fm.mdegree, -np.inf)]
         upper = np.r_[spec.upper, np.full(fm.mdegree, np.inf)]
         samples = _draws_laplace(theta_map, np.asarray(sol.cov), lower, upper, n_draws, seed)[None]
-        best = theta_map
+        samples[..., :k] = spec.identified(samples[..., :k])
+        best = theta_map.copy()
+        best[:k] = spec.identified(best[:k])
         linear = np.asarray(sol.linear)
         dof = n_good - int(sol.n_active) - len(names)
         chi2 = float(sol.chi2)
@@ -465,6 +467,8 @@ def _run_nuts(setup, sol, names, num_warmup, num_samples, num_chains, seed, prog
             bar.update(bar.total - bar.n)
             bar.close()
     samples = whitened_to_theta(z, setup.spec, loc, chol)
+    k = setup.spec.n_params
+    samples[..., :k] = setup.spec.identified(samples[..., :k])  # histogram: centred logits
     diagnostics = _nuts_diagnostics(samples, names, np.asarray(diverging), np.asarray(num_steps))
     return samples, diagnostics
 
