@@ -79,6 +79,9 @@ METHODS = ("kinjax spaxels", "kinjax 3D GP (MAP)", "pPXF spaxels")
 #: in the 3D model, started from spaxel fits of the cube averaged over 3 x 3 spaxels (start_radius=1.5)
 METHOD_G2 = "kinjax 3D GP, two Gaussians (MAP)"
 GAUSS2_SNR = (20,)
+#: extra methods added by ``--add-se`` to the recorded cubes: the Sanders-Evans family (mixture kernel, its
+#: default shape priors) spaxel by spaxel, and in the 3D model (GP priors on V, ln σ, ln σ_K, δ, κ)
+METHODS_SE = ("kinjax spaxels, Sanders–Evans", "kinjax 3D GP, Sanders–Evans (MAP)")
 
 
 def uptime() -> str:
@@ -445,21 +448,33 @@ def markdown(out):
                      f"dense={r['dense']}, joint Laplace={r['joint_laplace']}; load {r['load_end']}"])
     parts.append(table(["spaxels", "spaxel-by-spaxel MAP s", "3D MAP s (given the spaxel fit)",
                         "of which hyper / L-BFGS s", "peak RSS before GP (MB)", "peak RSS after GP (MB)", "notes"], rows))
+    parts.append(_extra_table(runs, short, METHOD_G2, "two-Gaussian 3D"))
+    parts.append(_extra_table(runs, short, METHODS_SE[1], "SE 3D", spaxels=METHODS_SE[0]))
+    return parts
+
+
+def _extra_table(runs, short, method, label, spaxels=None):
+    """Rows of one extra 3D method against pPXF (and its own spaxel fits), per cube."""
     rows = []
     for r in runs:
-        g2 = r["methods"].get(METHOD_G2)
+        g2 = r["methods"].get(method)
         if g2 is None:
             continue
         p = r["methods"][METHODS[2]]
         rv, rd = g2["mean_v"]["rmse"] / p["mean_v"]["rmse"], g2["dispersion"]["rmse"] / p["dispersion"]["rmse"]
         cov_ok = all(0.6 <= g2[k]["coverage"] <= 0.8 for k in ("mean_v", "dispersion"))
+        sp = r["methods"].get(spaxels) if spaxels else None
         rows.append([short[r], r["snr"], f"{g2['mean_v']['rmse']:.1f} / {g2['dispersion']['rmse']:.1f}",
                      f"{g2['mean_v']['bias']:+.1f} / {g2['dispersion']['bias']:+.1f}",
                      f"{rv:.2f} / {rd:.2f}", f"{g2['mean_v']['coverage']:.2f} / {g2['dispersion']['coverage']:.2f}",
-                     f"{g2['seconds']:.0f}", "yes" if rv <= 0.5 and rd <= 0.5 and cov_ok else "no"])
-    parts.append(table(["galaxy", "central S/N", "two-Gaussian 3D RMSE V / σ", "bias V / σ", "3D/pPXF RMSE V / σ",
-                        "coverage V / σ", "wall s (incl. its start)", "target met"], rows) if rows else "(not run)")
-    return parts
+                     *([f"{sp['mean_v']['rmse']:.1f} / {sp['dispersion']['rmse']:.1f}",
+                        f"{sp['mean_v']['coverage']:.2f} / {sp['dispersion']['coverage']:.2f}"] if spaxels else []),
+                     f"{g2['seconds']:.0f}",
+                     ("yes" if rv <= 0.5 and rd <= 0.5 and cov_ok else "no") if r["snr"] == 20 else "(S/N 20 only)"])
+    head = ["galaxy", "central S/N", f"{label} RMSE V / σ", "bias V / σ", "3D/pPXF RMSE V / σ", "coverage V / σ",
+            *(["its spaxel fits: RMSE V / σ", "coverage V / σ"] if spaxels else []),
+            "wall s (3D stage)" if spaxels else "wall s (incl. its start)", "target met"]
+    return table(head, rows) if rows else "(not run)"
 
 
 def write_markdown(out):
@@ -504,6 +519,13 @@ start is the spaxel-by-spaxel fit of the cube averaged over 3 × 3 spaxels), on 
 
 {t[5]}
 
+Sanders–Evans family (`--add-se`, run separately on the same cubes: `fit_cube_spaxels(losvd="se")`, then
+`fit_cube_gp(losvd="se", init=...)` with GP priors on V, ln σ, ln σ_K, δ, κ; V and σ of this family are the
+LOSVD's mean and dispersion exactly; the spaxel fits carry the family's weak shape priors, the 3D fit only the GP
+priors):
+
+{t[6]}
+
 pPXF errors: MEAN_V / DISPERSION errors come from 200 draws from a Gaussian with pPXF's formal
 covariance of (V, σ, h3, h4) (capfit's `cov`; diagonal only where a parameter sat at a bound),
 propagated through the clipped GH LOSVD exactly as kinjax propagates its Laplace covariance. The
@@ -531,8 +553,47 @@ would miss them) after the spaxel fit and after the GP fit; the process holds ~{
     return text
 
 
+def add_se(path):
+    """Sanders-Evans rows on the recorded cubes (same presets, S/N and seeds), merged into the JSON."""
+    from kinjax.cube_fit import fit_cube_spaxels
+    from kinjax.cube_model import fit_cube_gp
+    from kinjax.templates import load_emiles
+
+    out = json.loads(path.read_text())
+    library = load_emiles()
+    for r in out["recovery"]:
+        mock = make_cube(r["preset"], r["snr"], tuple(r["shape"]), r["seed"])
+        cube = mock.cube.log_rebin(rebin_lsf=True)
+        tv, td = mock.mean_v, mock.dispersion
+        t0 = time.perf_counter()
+        spax = fit_cube_spaxels(cube, library, losvd="se", progress=False, seed=r["seed"], mask_emission=False)
+        t_spax = time.perf_counter() - t0
+        r["methods"][METHODS_SE[0]] = {**scores(spax.mean_v, spax.mean_v_err, spax.dispersion, spax.dispersion_err,
+                                                spax.fitted, tv, td),
+                                       "seconds": t_spax, "spectra_per_s": spax.fitted.sum() / t_spax,
+                                       "load_start": [round(x, 2) for x in os.getloadavg()]}
+        t0 = time.perf_counter()
+        gp = fit_cube_gp(cube, library, losvd="se", method="map", init=spax, progress=False, seed=r["seed"],
+                         mask_emission=False)
+        r["methods"][METHODS_SE[1]] = {**scores(gp.mean_v, gp.mean_v_err, gp.dispersion, gp.dispersion_err,
+                                                gp.fitted, tv, td),
+                                       "seconds": time.perf_counter() - t0, "hyper": gp.info["hyper"],
+                                       "lbfgs_steps": len(gp.info["objective"])}
+        out["se_machine"] = machine()
+        path.write_text(json.dumps(out, indent=2, default=float) + "\n")
+        m = r["methods"]
+        print(f"{r['preset']} S/N {r['snr']} seed {r['seed']}: " + "; ".join(
+            f"{k}: V {m[k]['mean_v']['rmse']:.1f} ({m[k]['mean_v']['coverage']:.2f}) "
+            f"σ {m[k]['dispersion']['rmse']:.1f} ({m[k]['dispersion']['coverage']:.2f}) {m[k]['seconds']:.0f}s"
+            for k in (*METHODS_SE, METHODS[2])), flush=True)
+    write_markdown(out)
+
+
 def main():
     args = sys.argv[1:]
+    if "--add-se" in args:
+        add_se(RESULTS / "cube_recovery.json")
+        return
     if "--scaling-one" in args:
         scaling_one(int(args[args.index("--scaling-one") + 1]))
         return
