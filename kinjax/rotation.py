@@ -23,6 +23,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
+from scipy.special import expit
 
 from kinjax.errors import KinjaxError
 
@@ -88,7 +89,7 @@ def _jacobian(f, u, h=1e-6):
 
 def _unpack(u, scale):
     v_sys, log_amp, log_rt, pa, logit_q, x0, y0 = u
-    q = 0.1 + 0.9 / (1 + np.exp(-logit_q))  # 0.1 ≤ q ≤ 1 (inclinations up to 84°)
+    q = 0.1 + 0.9 * expit(logit_q)  # 0.1 ≤ q ≤ 1 (inclinations up to 84°); expit: no overflow
     return RotationCurve(v_sys, np.exp(log_amp), scale * np.exp(log_rt), pa, q, x0, y0)
 
 
