@@ -455,7 +455,6 @@ def fit_cube_spaxels_nuts(cube, templates, *, losvd="gh", moments=4, degree=4, m
         fm_sub, terms, loc, chol = nuts_inputs(forward, spec, sol)
         z, div, _ = run(keys[j], fm_sub, y, w, terms, loc, chol)
         draws = whitened_to_theta(z, spec, loc, chol)
-        draws[..., :spec.n_params] = spec.identified(draws[..., :spec.n_params])  # histogram: centred logits
         flat = draws.reshape(-1, n_theta)
         lo, med, hi = np.percentile(flat, [15.865, 50.0, 84.135], axis=0)
         theta[i], err[i], cov[i] = med, 0.5 * (hi - lo), np.atleast_2d(np.cov(flat.T))

@@ -467,8 +467,6 @@ def _run_nuts(setup, sol, names, num_warmup, num_samples, num_chains, seed, prog
             bar.update(bar.total - bar.n)
             bar.close()
     samples = whitened_to_theta(z, setup.spec, loc, chol)
-    k = setup.spec.n_params
-    samples[..., :k] = setup.spec.identified(samples[..., :k])  # histogram: centred logits
     diagnostics = _nuts_diagnostics(samples, names, np.asarray(diverging), np.asarray(num_steps))
     return samples, diagnostics
 

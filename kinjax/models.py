@@ -138,11 +138,15 @@ def log_posterior_whitened(z, forward: ForwardModel, y, weights, linear: LinearT
 
 
 def whitened_to_theta(z, spec: LosvdSpec, loc, chol) -> np.ndarray:
-    """Parameters (..., n_theta) from whitened draws ``z`` (..., n_theta) of the NUTS program."""
+    """Parameters (..., n_theta) from whitened draws ``z`` (..., n_theta) of the NUTS program.
+
+    Histogram logits come back centred on their mean (:meth:`LosvdSpec.identified`).
+    """
     s = np.asarray(loc) + np.einsum("ij,...j->...i", np.asarray(chol), np.asarray(z))
     k = spec.n_params
     lv_theta, _ = spec.constrain(jnp.asarray(s[..., :k]))
-    return np.concatenate([np.asarray(lv_theta), s[..., k:]], axis=-1)
+    # histogram: centred logits (LosvdSpec.identified; the mean logit is unidentified)
+    return np.concatenate([spec.identified(np.asarray(lv_theta)), s[..., k:]], axis=-1)
 
 
 #: The progress bar the compiled NUTS programs report to (set by the driver around a run).
