@@ -526,15 +526,31 @@ def align_labels(spec, theta, cov, x, y, use):
     return theta, cov
 
 
+def reparameterise(fn, theta, cov):
+    """``(fn(θ), J cov Jᵀ)`` row by row with J = dfn/dθ (the covariance to first order).
+
+    theta (n, p), cov (n, p, p); ``fn`` maps one (p,) vector (JAX-traceable); rows that are
+    not finite stay NaN.
+    """
+    theta, cov = np.asarray(theta, float), np.asarray(cov, float)
+    ok = np.all(np.isfinite(theta), axis=1)
+    safe = jnp.asarray(np.where(ok[:, None], theta, 0.5))
+    jac = np.asarray(jax.vmap(jax.jacfwd(fn))(safe))
+    new_theta = np.where(ok[:, None], np.asarray(jax.vmap(fn)(safe)), np.nan)
+    return new_theta, np.einsum("nij,njk,nlk->nil", jac, cov, jac)
+
+
 def finish_fit(cube, spec, forward, theta, cov, chi2, dof, use, *, seed=0, method="spaxels", info=None):
     """Assemble a :class:`CubeFit` from per-spaxel parameters and covariances.
 
-    Components with exchangeable labels (two Gaussians) are relabelled first so that
-    their maps are continuous (:func:`align_labels`).
+    Components with exchangeable labels (two Gaussians) are relabelled so that their maps
+    are continuous (:func:`align_labels`). Parameters in the two Gaussians' mean form
+    (:func:`kinjax.family.gauss2_mean_form`, the 3D model's) are returned in the family's
+    own, (V1, σ1, V2, σ2, f1), with the covariance to first order; the LOSVD summaries and
+    their errors come from draws in the form the covariance was computed in.
     """
-    theta, cov = align_labels(spec, np.asarray(theta, float), np.asarray(cov, float), cube.x, cube.y, use)
+    theta, cov = np.asarray(theta, float), np.asarray(cov, float)
     n = cube.n_spaxels
-    names = tuple(spec.names) + tuple(f"m{i + 1}" for i in range(theta.shape[1] - spec.n_params))
     velocity = _velocity_axis(forward, spec)
     mean_v, mean_v_err, disp, disp_err = (np.full(n, np.nan) for _ in range(4))
     pdf = np.full((n, velocity.size), np.nan)
@@ -542,6 +558,13 @@ def finish_fit(cube, spec, forward, theta, cov, chi2, dof, use, *, seed=0, metho
     out = losvd_summaries(spec, theta[idx], cov[idx], velocity, jax.random.PRNGKey(seed))
     for arr, val in zip((mean_v, mean_v_err, disp, disp_err, pdf), out):
         arr[idx] = val
+    if spec.mean_form:
+        from kinjax.family import gauss2_from_mean_form
+
+        theta, cov = reparameterise(gauss2_from_mean_form, theta, cov)
+        spec = spec.components_spec()
+    theta, cov = align_labels(spec, theta, cov, cube.x, cube.y, use)
+    names = tuple(spec.names) + tuple(f"m{i + 1}" for i in range(theta.shape[1] - spec.n_params))
     with np.errstate(invalid="ignore"):
         err = np.sqrt(np.clip(np.diagonal(cov, axis1=1, axis2=2), 0, None))
     err[~use] = np.nan

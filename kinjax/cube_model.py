@@ -51,6 +51,11 @@ envelope theorem the gradient of the profiled χ² is then exact. The objective 
    ``method="svi"`` instead fits the numpyro model :func:`cube_model` (hyperparameters
    sampled too) with an AutoNormal / low-rank guide, started at the MAP.
 
+**Two Gaussians**: the fields are the blend's mean velocity V = f1 V1 + (1 − f1) V2, the
+separation ΔV = V2 − V1, ln σ1, ln σ2 and logit f1 (:func:`kinjax.family.gauss2_mean_form`;
+results are returned in V1, σ1, V2, σ2, f1). On three counter-rotating mocks at S/N 20
+this lowered the RMSE of MEAN_V from 7.9–12.5 to 5.8–7.2 km/s (benchmarks/CUBE_RESULTS.md).
+
 **Mean function of V** (``v_mean="rotation"``): an arctan rotation curve of an inclined
 disc (:mod:`kinjax.rotation`) is fitted once to the spaxel-by-spaxel velocities and the
 V field's GP models the departures from it. The curve's own uncertainty (its parameters'
@@ -348,7 +353,7 @@ def _field_scales(spec):
             out.append(1.0)
         elif fr:
             out.append(2.0)
-        elif name.startswith("v"):
+        elif name.startswith(("v", "dv")):
             out.append(300.0)
         else:
             out.append(0.1 if name.startswith("h") else (hi - lo) / 4)
@@ -579,15 +584,15 @@ def fit_cube_gp(cube, templates, *, losvd="gh", moments=4, degree=4, mdegree=0, 
         of an inclined disc (:mod:`kinjax.rotation`), fitted once to the spaxel-by-spaxel
         velocities; the GP then models the departures from it (with their own constant
         mean, shifted freely like every field's). Families with a field named ``v``
-        (Gauss–Hermite, Sanders–Evans).
+        (Gauss–Hermite, Sanders–Evans; two Gaussians: their mean velocity).
     start_radius : float, optional
         Without ``init``: fit the spaxel-by-spaxel start on the cube averaged over the
         spaxels within this many spaxel spacings (:meth:`kinjax.cube.Cube.neighbour_mean`;
         the start's errors scaled to one spaxel) instead of the cube itself. For families
         whose single-spaxel fits are unstable at low S/N: the two-Gaussian fits of a
         counter-rotating S/N-20 mock started this way reached a mean-velocity /
-        dispersion RMSE of 7.9 / 6.5 km/s, started from their own spaxel fits 27 / 29 km/s
-        (benchmarks/CUBE_RESULTS.md).
+        dispersion RMSE of 5.8 / 7.0 km/s (7.9 / 6.5 before the mean form of the fields
+        above), started from their own spaxel fits 27 / 29 km/s (benchmarks/CUBE_RESULTS.md).
 
     Returns
     -------
@@ -619,6 +624,13 @@ def fit_cube_gp(cube, templates, *, losvd="gh", moments=4, degree=4, mdegree=0, 
     use = init.fitted
     if init.theta.shape[1] != spec.n_params + mdegree:
         raise KinjaxError("init was fitted with other LOSVD settings (moments/mdegree); refit or drop init")
+    if spec.family == "gauss2":  # GP fields on (V, ΔV, σ1, σ2, f1): see gauss2_mean_form
+        from kinjax.cube_fit import reparameterise
+        from kinjax.family import gauss2_mean_form, gauss2_to_mean_form
+
+        spec = gauss2_mean_form(spec)
+        th_m, cov_m = reparameterise(gauss2_to_mean_form, init.theta, init.cov)
+        init = dataclasses.replace(init, theta=th_m, cov=cov_m)
     if use.sum() < 3:
         raise KinjaxError("a GP fit needs at least 3 fitted spaxels")
     t_init = time.perf_counter() - t0
@@ -844,6 +856,7 @@ def fit_cube_gp(cube, templates, *, losvd="gh", moments=4, degree=4, mdegree=0, 
         seconds=dict(init=t_init, hyper=t_hyper, optimise=t_opt, total=time.perf_counter() - t0),
         objective=history,
     )
+    # (the mean form's summaries come from draws in its own parameters; finish_fit returns the family's)
     return finish_fit(cube, spec, forward, theta, cov, chi2, dof, use, seed=seed,
                       method=f"gp-{method}", info=info)
 

@@ -29,7 +29,9 @@ with ``f_c L_c`` and the linear solve keeps the two mixes at equal light
 whose light fraction goes to zero from wandering off (the posterior stays proper and
 the Laplace covariance finite); the labels are exchangeable (swapping the components
 and f1 ↔ 1 − f1 gives the same LOSVD), so read its mean velocity and dispersion (which
-do not depend on the labelling) rather than V1 or V2 alone.
+do not depend on the labelling) rather than V1 or V2 alone. The 3D model fits the same
+family in its *mean form* (V, ΔV, σ1, σ2, f1), V the blend's mean velocity and ΔV = V2 − V1
+(:func:`gauss2_mean_form`).
 
 Why a prior on h_m: with flat priors the posterior of (σ, h4) has a long tail towards
 small σ and large h4 (the two trade off in the line wings), which NUTS explores to the
@@ -59,7 +61,8 @@ import numpy as np
 from kinjax.errors import KinjaxError
 from kinjax.losvd import Gaussian, GaussHermite, Histogram, Mixture, SandersEvans, velocity_grid
 
-__all__ = ["LosvdSpec", "losvd_spec", "log_where", "exp_where", "HIST_EDGE_LOGMASS"]
+__all__ = ["LosvdSpec", "losvd_spec", "gauss2_mean_form", "gauss2_to_mean_form", "gauss2_from_mean_form",
+           "log_where", "exp_where", "HIST_EDGE_LOGMASS"]
 
 #: Histogram prior: (mean, sd) of the natural log of the probability in each of the two
 #: outermost bins: the LOSVD is expected to vanish at ±vmax (e^-12 = 6e-6, ±3 e-folds).
@@ -130,6 +133,7 @@ class LosvdSpec:
         if self.family == "se":
             return SandersEvans.from_vector(theta, kernel=self.options["kernel"])
         if self.family == "gauss2":
+            theta = self.components_form(theta)
             f = theta[4]
             return Mixture((Gaussian(theta[0], theta[1]), Gaussian(theta[2], theta[3])), jnp.stack([f, 1.0 - f]))
         return Histogram.from_logits(jnp.asarray(self.options["centres"]), theta)
@@ -143,6 +147,8 @@ class LosvdSpec:
         theta[0], theta[1] = v0, sigma0
         if self.family == "gauss2":  # two equal halves either side of v0
             theta[:] = v0 + 0.5 * sigma0, 0.7 * sigma0, v0 - 0.5 * sigma0, 0.7 * sigma0, 0.5
+            if self.mean_form:
+                theta = np.asarray(gauss2_to_mean_form(theta))
         if self.family == "se":
             theta[2] = 0.5  # sigma_k
         return np.clip(theta, self.lower, self.upper)
@@ -163,7 +169,7 @@ class LosvdSpec:
             shape = jnp.asarray(theta)[2:]
             return shape / jnp.asarray(self.se_prior[:shape.shape[0]], shape.dtype)
         if self.family == "gauss2":
-            theta = jnp.asarray(theta)
+            theta = self.components_form(jnp.asarray(theta))
             return jnp.stack([theta[0] / 1000.0, theta[2] / 1000.0, (jnp.log(theta[1]) - np.log(100.0)) / 0.7,
                               (jnp.log(theta[3]) - np.log(100.0)) / 0.7, (theta[4] - 0.5) / 0.5])
         if self.family != "hist":
@@ -211,7 +217,29 @@ class LosvdSpec:
             mask[1] = True
         if self.family in ("se", "gauss2"):
             mask[2 if self.family == "se" else 3] = True
+        if self.mean_form:  # (v, dv, σ1, σ2, f1)
+            mask[1:4] = False, True, True
         return mask
+
+    @property
+    def mean_form(self) -> bool:
+        """Two Gaussians parameterised as (V, ΔV, σ1, σ2, f1) (:func:`gauss2_mean_form`)."""
+        return self.family == "gauss2" and self.options.get("form") == "mean"
+
+    def components_spec(self) -> "LosvdSpec":
+        """The spec in the family's standard parameters (inverse of :func:`gauss2_mean_form`)."""
+        if not self.mean_form:
+            return self
+        lo, hi = np.asarray(self.lower, float), np.asarray(self.upper, float)
+        pick = [0, 2, 0, 3, 4]
+        options = {k: v for k, v in self.options.items() if k != "form"}
+        return LosvdSpec("gauss2", ("v1", "sigma1", "v2", "sigma2", "f1"), lo[pick], hi[pick], options,
+                         self.smoothness, self.h_prior, self.se_prior)
+
+    def components_form(self, theta):
+        """``theta`` (..., n_params) in the family's standard parameters (identity except
+        for the two Gaussians' mean form, whose (V, ΔV, σ1, σ2, f1) become (V1, σ1, V2, σ2, f1))."""
+        return gauss2_from_mean_form(theta) if self.mean_form else theta
 
     def label_swap(self) -> tuple[np.ndarray, np.ndarray] | None:
         """The linear map ``theta -> M @ theta + c`` that relabels the components.
@@ -222,7 +250,10 @@ class LosvdSpec:
         if self.family != "gauss2":
             return None
         m = np.zeros((5, 5))
-        m[0, 2] = m[1, 3] = m[2, 0] = m[3, 1] = 1.0
+        if self.mean_form:  # V stays, ΔV changes sign, σ1 <-> σ2
+            m[0, 0], m[1, 1], m[2, 3], m[3, 2] = 1.0, -1.0, 1.0, 1.0
+        else:
+            m[0, 2] = m[1, 3] = m[2, 0] = m[3, 1] = 1.0
         m[4, 4] = -1.0
         c = np.zeros(5)
         c[4] = 1.0
@@ -330,3 +361,47 @@ def losvd_spec(
         lower, upper = np.full(centres.size, -30.0), np.full(centres.size, 30.0)
         return LosvdSpec("hist", names, lower, upper, {"centres": centres}, smoothness)
     raise KinjaxError(f"unknown LOSVD family {family!r}: use 'gh', 'se', 'hist' or 'gauss2'")
+
+
+def gauss2_to_mean_form(theta):
+    """Two-Gaussian parameters (..., 5 [+ extra]) (V1, σ1, V2, σ2, f1) -> (V, ΔV, σ1, σ2, f1).
+
+    ``V = f1 V1 + (1 − f1) V2`` is the LOSVD's mean velocity and ``ΔV = V2 − V1`` the
+    separation of the components; entries after the fifth are passed through.
+    """
+    xp = jnp if isinstance(theta, jax.Array) else np
+    theta = xp.asarray(theta)
+    v1, s1, v2, s2, f = (theta[..., i] for i in range(5))
+    head = xp.stack([f * v1 + (1 - f) * v2, v2 - v1, s1, s2, f], axis=-1)
+    return xp.concatenate([head, theta[..., 5:]], axis=-1)
+
+
+def gauss2_from_mean_form(theta):
+    """Inverse of :func:`gauss2_to_mean_form`: V1 = V − (1 − f1) ΔV, V2 = V + f1 ΔV."""
+    xp = jnp if isinstance(theta, jax.Array) else np
+    theta = xp.asarray(theta)
+    v, dv, s1, s2, f = (theta[..., i] for i in range(5))
+    head = xp.stack([v - (1 - f) * dv, s1, v + f * dv, s2, f], axis=-1)
+    return xp.concatenate([head, theta[..., 5:]], axis=-1)
+
+
+def gauss2_mean_form(spec: LosvdSpec) -> LosvdSpec:
+    """The two-Gaussian ``spec`` with parameters (V, ΔV, σ1, σ2, f1) instead of (V1, σ1, V2, σ2, f1).
+
+    The same LOSVDs, priors and likelihood (the map has unit Jacobian determinant); used by
+    the 3D model, whose GP priors then act on the mean-velocity field itself. In a
+    counter-rotating galaxy that field is small and smooth while V1, V2 and f1 each vary
+    a lot, and a mean velocity assembled from separately smoothed V1, V2 and f1 fields
+    inherits the errors of all three. Bounds: V as V1; ΔV within ± the width of V1's
+    interval; σ and f1 as before.
+    """
+    if spec.family != "gauss2":
+        raise KinjaxError(f"the mean form is for the two-Gaussian family, not {spec.family!r}")
+    if spec.mean_form:
+        return spec
+    lo, hi = np.asarray(spec.lower, float), np.asarray(spec.upper, float)
+    width = hi[0] - lo[0]
+    lower = np.array([lo[0], -width, lo[1], lo[3], lo[4]])
+    upper = np.array([hi[0], width, hi[1], hi[3], hi[4]])
+    return LosvdSpec("gauss2", ("v", "dv", "sigma1", "sigma2", "f1"), lower, upper, {**spec.options, "form": "mean"},
+                     spec.smoothness, spec.h_prior, spec.se_prior)

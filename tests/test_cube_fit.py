@@ -211,6 +211,45 @@ def test_align_labels_makes_two_component_maps_continuous():
     np.testing.assert_allclose(lv_a.pdf(v), lv_b.pdf(v), rtol=1e-12, atol=1e-15)
 
 
+def test_two_gaussian_mean_form_is_the_same_model():
+    """(V, ΔV, σ1, σ2, f1), the 3D model's fields for two Gaussians: the same LOSVD and prior
+    as (V1, σ1, V2, σ2, f1); V is the LOSVD's first moment; the map is a
+    bijection with unit Jacobian determinant; the label swap keeps V and flips ΔV."""
+    import jax
+
+    from kinjax.family import gauss2_from_mean_form, gauss2_mean_form, gauss2_to_mean_form, losvd_spec
+
+    spec = losvd_spec("gauss2")
+    mean = gauss2_mean_form(spec)
+    assert mean.names == ("v", "dv", "sigma1", "sigma2", "f1") and mean.mean_form and not spec.mean_form
+    back = mean.components_spec()
+    assert back.names == spec.names and back.options == spec.options and not back.mean_form
+    np.testing.assert_array_equal(back.lower, spec.lower)
+    np.testing.assert_array_equal(back.upper, spec.upper)
+    np.testing.assert_array_equal(mean.log_scale, [False, False, True, True, False])
+    theta = np.array([-130.0, 55.0, 95.0, 35.0, 0.3, 0.01])  # with a multiplicative term
+    tm = gauss2_to_mean_form(theta)
+    np.testing.assert_allclose(gauss2_from_mean_form(tm), theta, rtol=1e-14)
+    assert tm[5] == theta[5]
+    v = np.linspace(-700, 700, 1401)
+    pdf = np.asarray(mean.build(jnp.asarray(tm[:5])).pdf(v))
+    np.testing.assert_allclose(pdf, np.asarray(spec.build(jnp.asarray(theta[:5])).pdf(v)), rtol=1e-12, atol=1e-16)
+    # V is the first moment (by quadrature), ΔV the separation of the components
+    assert np.trapezoid(v * pdf, v) / np.trapezoid(pdf, v) == pytest.approx(tm[0], abs=1e-6)
+    assert tm[1] == pytest.approx(95.0 + 130.0)
+    np.testing.assert_allclose(mean.prior_residuals(jnp.asarray(tm[:5])), spec.prior_residuals(jnp.asarray(theta[:5])),
+                               rtol=1e-12)
+    jac = np.asarray(jax.jacfwd(gauss2_to_mean_form)(jnp.asarray(theta[:5])))
+    assert abs(np.linalg.det(jac)) == pytest.approx(1.0)
+    m, c = mean.label_swap()
+    swapped = m @ tm[:5] + c
+    np.testing.assert_allclose(swapped, [tm[0], -tm[1], tm[3], tm[2], 1 - tm[4]])
+    np.testing.assert_allclose(np.asarray(mean.build(jnp.asarray(swapped)).pdf(v)), pdf, rtol=1e-12, atol=1e-16)
+    np.testing.assert_allclose(gauss2_from_mean_form(mean.initial(10.0, 150.0)), spec.initial(10.0, 150.0))
+    with pytest.raises(KinjaxError, match="two-Gaussian"):
+        gauss2_mean_form(losvd_spec("gh"))
+
+
 def test_emission_lines_are_masked_by_default():
     """A gas [OIII] 5007 line (150 km/s off the stars, σ 40 km/s, peak 0.8 × continuum) in
     every spaxel: masked by default (pPXF's goodpixels, ±800 km/s), the fit is the one of
