@@ -46,6 +46,7 @@ rewrites ``benchmarks/CUBE_RESULTS.md`` from the JSON; ``--quick`` is a smoke te
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import resource
@@ -441,9 +442,8 @@ def markdown(out):
         group = [r for r in runs if (r["preset"], r["snr"]) == key and "error" not in r["methods"][METHODS[1]]]
         if not group:
             continue
-        rms = {m: [np.sqrt(np.mean([g["methods"][m][q]["rmse"] ** 2 for g in group])) for q in ("mean_v", "dispersion")]
-               for m in METHODS}
-        cov = [np.mean([g["methods"][METHODS[1]][q]["coverage"] for g in group]) for q in ("mean_v", "dispersion")]
+        rms = {m: [_pooled(group, m, q, "rmse") for q in ("mean_v", "dispersion")] for m in METHODS}
+        cov = [_pooled(group, METHODS[1], q, "coverage") for q in ("mean_v", "dispersion")]
         rv, rd = rms[METHODS[1]][0] / rms[METHODS[2]][0], rms[METHODS[1]][1] / rms[METHODS[2]][1]
         ok = rv <= 0.5 and rd <= 0.5 and all(0.6 <= c <= 0.8 for c in cov)
         rows.append([names[key[0]], key[1], len(group),
@@ -480,6 +480,12 @@ def markdown(out):
     return parts
 
 
+def _pooled(runs, method, key, stat):
+    """One score of ``method`` pooled over ``runs``: RMSE as the root mean square, other stats as the mean."""
+    vals = [r["methods"][method][key][stat] for r in runs]
+    return float(np.sqrt(np.mean(np.square(vals)))) if stat == "rmse" else float(np.mean(vals))
+
+
 def _extra_table(runs, short, method, label, spaxels=None):
     """Rows of one extra 3D method against pPXF (and its own spaxel fits), per cube."""
     rows = []
@@ -503,14 +509,10 @@ def _extra_table(runs, short, method, label, spaxels=None):
         sel = [r for r in runs if r["preset"] == preset and r["snr"] == 20 and method in r["methods"]]
         if len(sel) < 2 or spaxels:
             continue
-
-        def pooled(m, key, stat):
-            vals = [r["methods"][m][key][stat] for r in sel]
-            return float(np.sqrt(np.mean(np.square(vals)))) if stat == "rmse" else float(np.mean(vals))
-
+        pooled = functools.partial(_pooled, sel)
         rv, rd = (pooled(method, k, "rmse") / pooled(METHODS[2], k, "rmse") for k in ("mean_v", "dispersion"))
         cv, cd = pooled(method, "mean_v", "coverage"), pooled(method, "dispersion", "coverage")
-        rows.append([f"{short[sel[0]].split(' (')[0]}, pooled ({len(sel)} cubes)", 20,
+        rows.append([f"{short.names[preset]}, pooled ({len(sel)} cubes)", 20,
                      f"{pooled(method, 'mean_v', 'rmse'):.1f} / {pooled(method, 'dispersion', 'rmse'):.1f}",
                      f"{pooled(method, 'mean_v', 'bias'):+.1f} / {pooled(method, 'dispersion', 'bias'):+.1f}",
                      f"{rv:.2f} / {rd:.2f}", f"{cv:.2f} / {cd:.2f}", "—",
