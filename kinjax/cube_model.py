@@ -652,10 +652,11 @@ def fit_cube_gp(cube, templates, *, losvd="gh", moments=4, degree=4, mdegree=0, 
     f0 = _to_fields(spec, th0)
     var0 = np.diagonal(cov_lik, axis1=1, axis2=2) / _field_jac(spec, th_lik) ** 2
     err0 = np.sqrt(np.clip(var0, 1e-30, None))
-    # a spaxel whose start or Laplace error is not finite carries no information about a
-    # field: give it the field's median and an error far larger than the field's range
+    # a spaxel whose start or Laplace variance is not finite and positive carries no
+    # information about a field: give it the field's median and an error far larger than
+    # the field's range
     f0_np = np.asarray(f0)
-    bad = ~(np.isfinite(f0_np) & np.isfinite(err0))
+    bad = ~(np.isfinite(f0_np) & np.isfinite(var0) & (var0 > 0))
     if bad.any():
         med = np.nanmedian(np.where(bad, np.nan, f0_np), axis=0)
         f0_np = np.where(bad, med, f0_np)

@@ -158,7 +158,8 @@ def test_cube_fits_in_float32_match_float64():
 
 
 def test_gp_fit_survives_a_spaxel_without_errors():
-    """A spaxel whose starting Laplace covariance is not finite must not poison the hyperparameters."""
+    """A spaxel whose starting Laplace covariance is not finite, or has a negative variance,
+    must not poison the hyperparameters."""
     import dataclasses
 
     from kinjax.cube_fit import fit_cube_spaxels
@@ -168,6 +169,7 @@ def test_gp_fit_survives_a_spaxel_without_errors():
     spax = fit_cube_spaxels(cube, tpl, vmax=1000.0, progress=False)
     cov = spax.cov.copy()
     cov[5] = np.nan
+    cov[10, 0, 0] *= -1.0
     gp = fit_cube_gp(cube, tpl, vmax=1000.0, init=dataclasses.replace(spax, cov=cov), progress=False)
     for name, h in gp.info["hyper"].items():
         assert all(np.isfinite(v) for v in h.values()), (name, h)
