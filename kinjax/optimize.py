@@ -168,12 +168,27 @@ def make_map_solver(forward: ForwardModel, spec: LosvdSpec, *, nonneg: bool = Tr
         active = (~nonneg_mask) | (x > 0)
         full = jnp.concatenate([jac, a * active], axis=1)
         keep = jnp.concatenate([jnp.ones(theta.shape[0], bool), active])
-        m = full.T @ full
-        m = jnp.where(keep[:, None] & keep[None, :], m, jnp.eye(m.shape[0], dtype=m.dtype))
-        cov = jnp.linalg.inv(m)[: theta.shape[0], : theta.shape[0]]
-        return cov, jnp.sum(active)
+        return design_covariance(full, keep, theta.shape[0]), jnp.sum(active)
 
     return jax.jit(solve)
+
+
+def design_covariance(design, keep, k):
+    """The leading (k, k) block of (FᵀF)⁻¹ for the columns ``keep`` of ``design`` F (n, m).
+
+    Computed from the QR factors of F with unit columns, not by inverting FᵀF: the
+    columns differ by orders of magnitude (km/s, fractions, template weights) and the
+    templates are nearly collinear, and in float32 inv(FᵀF) of a two-Gaussian fit came
+    out with negative variances. A column not kept is replaced by a unit vector (an
+    identity block, dropped), so ``keep`` must include the first ``k``.
+    """
+    design = jnp.where(keep, design, 0.0)
+    design = jnp.concatenate([design, jnp.diag((~keep).astype(design.dtype))])
+    norm = jnp.sqrt(jnp.sum(design**2, axis=0))
+    norm = jnp.where(norm > 0, norm, 1.0)
+    r = jnp.linalg.qr(design / norm, mode="r")
+    r_inv = jax.scipy.linalg.solve_triangular(r, jnp.eye(r.shape[0], dtype=r.dtype), lower=False)
+    return (r_inv[:k] @ r_inv[:k].T) / (norm[:k, None] * norm[None, :k])
 
 
 def make_start_finder(forward: ForwardModel, spec: LosvdSpec, *, vmax: float = 1200.0, dv: float = 40.0,
