@@ -356,3 +356,32 @@ def test_two_gaussian_laplace_variances_in_float32(counter_rotating):
     assert np.all(var[True] > 0) and np.all(var[False] > 0), var[False]
     ratio = var[False] / var[True]  # single spaxels differ by up to ~5x (their template sets)
     assert 0.8 < np.median(ratio) < 1.25, ratio
+
+
+def test_two_gaussian_gp_fit_of_counter_rotating_discs(counter_rotating):
+    """The 3D fit with the two-Gaussian family end to end (the start fitted on the 3 x 3-averaged
+    cube, GP fields on the mean velocity): its mean velocity and dispersion maps beat the
+    spaxel-by-spaxel fits' (here 3.6 / 3.3 against 7.2 / 21.5 km/s), every error is finite,
+    and where the discs' peaks are apart the two components are the two discs."""
+    from kinjax.cube_fit import fit_cube_spaxels
+    from kinjax.cube_model import fit_cube_gp
+
+    mock, cube, lib = counter_rotating
+    spax = fit_cube_spaxels(cube, lib, losvd="gauss2", progress=False, mask_emission=False)
+    gp = fit_cube_gp(cube, lib, losvd="gauss2", start_radius=1.5, progress=False, mask_emission=False)
+    assert gp.method == "gp-map" and gp.fitted.all() and gp.names == ("v1", "sigma1", "v2", "sigma2", "f1")
+    assert tuple(gp.info["hyper"]) == ("v", "dv", "ln_sigma1", "ln_sigma2", "logit_f1")
+
+    def rmse(a, b):
+        return float(np.sqrt(np.mean((a - b) ** 2)))
+
+    assert rmse(gp.mean_v, mock.mean_v) < 0.7 * rmse(spax.mean_v, mock.mean_v)
+    assert rmse(gp.dispersion, mock.dispersion) < 0.4 * rmse(spax.dispersion, mock.dispersion)
+    for err in (gp.mean_v_err, gp.dispersion_err, gp.theta_err):
+        assert np.all(np.isfinite(err) & (err > 0))
+    maps = {k: v.ravel() for k, v in mock.truth.maps.items()}
+    apart = np.abs(maps["primary_v"] - maps["counter_v"]) > 100
+    assert apart.sum() >= 6
+    fitted = np.sort(gp.theta[apart][:, [0, 2]], axis=1)
+    true = np.sort(np.stack([maps["primary_v"], maps["counter_v"]], 1)[apart], axis=1)
+    assert np.abs(fitted - true).max() < 30, (fitted, true)
