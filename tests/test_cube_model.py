@@ -362,26 +362,32 @@ def test_two_gaussian_gp_fit_of_counter_rotating_discs(counter_rotating):
     """The 3D fit with the two-Gaussian family end to end (the start fitted on the 3 x 3-averaged
     cube, GP fields on the mean velocity): its mean velocity and dispersion maps beat the
     spaxel-by-spaxel fits' (here 3.6 / 3.3 against 7.2 / 21.5 km/s), every error is finite,
-    and where the discs' peaks are apart the two components are the two discs."""
+    and where the discs' peaks are apart the two components are the two discs. (SVI runs too,
+    3.6 / 6.1 km/s in 100 s, but its errors cover 0.2: not tested here.)"""
     from kinjax.cube_fit import fit_cube_spaxels
     from kinjax.cube_model import fit_cube_gp
 
     mock, cube, lib = counter_rotating
     spax = fit_cube_spaxels(cube, lib, losvd="gauss2", progress=False, mask_emission=False)
-    gp = fit_cube_gp(cube, lib, losvd="gauss2", start_radius=1.5, progress=False, mask_emission=False)
-    assert gp.method == "gp-map" and gp.fitted.all() and gp.names == ("v1", "sigma1", "v2", "sigma2", "f1")
-    assert tuple(gp.info["hyper"]) == ("v", "dv", "ln_sigma1", "ln_sigma2", "logit_f1")
+    maps = {k: v.ravel() for k, v in mock.truth.maps.items()}
+    apart = np.abs(maps["primary_v"] - maps["counter_v"]) > 100
+    assert apart.sum() >= 6
+    true = np.sort(np.stack([maps["primary_v"], maps["counter_v"]], 1)[apart], axis=1)
 
     def rmse(a, b):
         return float(np.sqrt(np.mean((a - b) ** 2)))
 
-    assert rmse(gp.mean_v, mock.mean_v) < 0.7 * rmse(spax.mean_v, mock.mean_v)
-    assert rmse(gp.dispersion, mock.dispersion) < 0.4 * rmse(spax.dispersion, mock.dispersion)
-    for err in (gp.mean_v_err, gp.dispersion_err, gp.theta_err):
-        assert np.all(np.isfinite(err) & (err > 0))
-    maps = {k: v.ravel() for k, v in mock.truth.maps.items()}
-    apart = np.abs(maps["primary_v"] - maps["counter_v"]) > 100
-    assert apart.sum() >= 6
-    fitted = np.sort(gp.theta[apart][:, [0, 2]], axis=1)
-    true = np.sort(np.stack([maps["primary_v"], maps["counter_v"]], 1)[apart], axis=1)
-    assert np.abs(fitted - true).max() < 30, (fitted, true)
+    # the mean velocity's field with a constant mean, and with a rotation-curve mean (here
+    # 3.5 / 3.3 km/s too)
+    for v_mean in ("constant", "rotation"):
+        gp = fit_cube_gp(cube, lib, losvd="gauss2", start_radius=1.5, progress=False, mask_emission=False,
+                         v_mean=v_mean)
+        assert gp.method == "gp-map" and gp.fitted.all() and gp.names == ("v1", "sigma1", "v2", "sigma2", "f1")
+        assert tuple(gp.info["hyper"]) == ("v", "dv", "ln_sigma1", "ln_sigma2", "logit_f1")
+        assert (gp.info["rotation_curve"] is None) == (v_mean == "constant")
+        assert rmse(gp.mean_v, mock.mean_v) < 0.7 * rmse(spax.mean_v, mock.mean_v), v_mean
+        assert rmse(gp.dispersion, mock.dispersion) < 0.4 * rmse(spax.dispersion, mock.dispersion), v_mean
+        for err in (gp.mean_v_err, gp.dispersion_err, gp.theta_err):
+            assert np.all(np.isfinite(err) & (err > 0))
+        fitted = np.sort(gp.theta[apart][:, [0, 2]], axis=1)
+        assert np.abs(fitted - true).max() < 30, (v_mean, fitted, true)
