@@ -174,13 +174,22 @@ def make_map_solver(forward: ForwardModel, spec: LosvdSpec, *, nonneg: bool = Tr
 
 
 def design_covariance(design, keep, k):
-    """The leading (k, k) block of (FᵀF)⁻¹ for the columns ``keep`` of ``design`` F (n, m).
+    """The leading (k, k) block of (FᵀF)⁻¹ for the kept columns of a design matrix F.
+
+    Parameters
+    ----------
+    design : (n, m) array
+        Whitened residual derivatives: the ``k`` non-linear parameters first, then the
+        linear ones (template weights, polynomial coefficients).
+    keep : (m,) bool
+        Columns in the fit (the first ``k`` must be kept); a column not kept is replaced
+        by a unit vector, i.e. an identity block that is dropped.
+    k : int
 
     Computed from the QR factors of F with unit columns, not by inverting FᵀF: the
     columns differ by orders of magnitude (km/s, fractions, template weights) and the
     templates are nearly collinear, and in float32 inv(FᵀF) of a two-Gaussian fit came
-    out with negative variances. A column not kept is replaced by a unit vector (an
-    identity block, dropped), so ``keep`` must include the first ``k``.
+    out with negative variances.
     """
     design = jnp.where(keep, design, 0.0)
     design = jnp.concatenate([design, jnp.diag((~keep).astype(design.dtype))])
