@@ -128,6 +128,14 @@ class Templates:
         if self.variance_kept is not None:
             set_("variance_kept", float(self.variance_kept))
 
+    def select(self, index) -> "Templates":
+        """The templates ``index`` (integer indices or a boolean mask over the templates),
+        with their ages, metallicities and names."""
+        index = np.arange(self.n_templates)[np.asarray(index)]
+        pick = lambda v: None if v is None else v[index]  # noqa: E731
+        return dataclasses.replace(self, flux=self.flux[index], age=pick(self.age), metal=pick(self.metal),
+                       names=tuple(self.names[i] for i in index) if self.names else ())
+
     @property
     def ln_wave(self) -> np.ndarray:
         """(n_pix,) natural log of the pixel-centre wavelengths (Å)."""

@@ -249,8 +249,7 @@ def test_noise_free_dispersion_with_the_rebinned_lsf():
 
     lib = load_emiles()
     near = np.argsort((np.log10(lib.age) - np.log10(3.0)) ** 2 + lib.metal**2)[:4]  # the mock's SSP and 3 more
-    lib = replace(lib, flux=lib.flux[near], age=lib.age[near], metal=lib.metal[near],
-                  names=tuple(lib.names[i] for i in near) if lib.names else ())
+    lib = lib.select(near)
     disc = Disc(name="disc", r_eff=4.0, v_max=200.0, r_turn=1.0, sigma0=100.0, sigma_out=50.0, sigma_scale=3.0,
                 age=3.0, metal=0.0, luminosity=1.0)
     mock = make_mock_cube(MockGalaxy(components=(disc,), snr=1000, shape=(2, 2), seed=1))

@@ -82,6 +82,19 @@ def test_load_emiles(emiles):
     assert t.names[0].startswith("Eun1.30Zm1.71T00.0631")
 
 
+def test_select_templates(emiles):
+    """``select`` keeps the chosen templates with their ages, metallicities and names, by
+    indices (in their order) or by a mask."""
+    solar = emiles.select(emiles.metal == 0.0)
+    assert solar.n_templates == 25 and np.all(solar.metal == 0.0)
+    np.testing.assert_array_equal(solar.age, emiles.age[emiles.metal == 0.0])
+    two = emiles.select([7, 3])
+    np.testing.assert_array_equal(two.flux, emiles.flux[[7, 3]])
+    assert two.names == (emiles.names[7], emiles.names[3]) and two.age[0] == emiles.age[7]
+    np.testing.assert_array_equal(two.fwhm, emiles.fwhm)
+    assert two.wave is emiles.wave or np.array_equal(two.wave, emiles.wave)
+
+
 def test_emiles_missing_directory(tmp_path):
     with pytest.raises(KinjaxError, match="ppxf==8.2.6"):
         load_emiles(tmp_path)
