@@ -466,15 +466,18 @@ def markdown(out):
     rows = []
     for r in out.get("scaling", []):
         if "error" in r:
-            rows.append([r["n_spaxels"], "—", "—", "—", "—", "—", r["error"].splitlines()[-1][:80] if r["error"] else "failed"])
+            rows.append([r["n_spaxels"], "—", "—", "—", "—", "—", "—",
+                         r["error"].splitlines()[-1][:80] if r["error"] else "failed"])
             continue
         rss = r["maxrss_mb"]
         rows.append([r["n_spaxels"], f"{r['spaxels_s']:.1f}", f"{r['gp_map_s']:.1f}",
                      f"{r['gp_seconds']['hyper']:.1f} / {r['gp_seconds']['optimise']:.1f} ({r['lbfgs_steps']} steps)",
                      f"{rss['after_spaxels']:.0f}", f"{rss['after_gp']:.0f}",
+                     "{:.1f} / {:.1f} → {:.1f} / {:.1f}".format(*r["rmse_spaxels"], *r["rmse_gp"]),
                      f"dense={r['dense']}, joint Laplace={r['joint_laplace']}; load {r['load_end']}"])
     parts.append(table(["spaxels", "spaxel-by-spaxel MAP s", "3D MAP s (given the spaxel fit)",
-                        "of which hyper / L-BFGS s", "peak RSS before GP (MB)", "peak RSS after GP (MB)", "notes"], rows))
+                        "of which hyper / L-BFGS s", "peak RSS before GP (MB)", "peak RSS after GP (MB)",
+                        "RMSE MEAN_V / DISPERSION km/s: spaxels → 3D", "notes"], rows))
     parts.append(_extra_table(runs, short, METHOD_G2, "two-Gaussian 3D"))
     parts.append(_extra_table(runs, short, METHODS_SE[1], "SE 3D", spaxels=METHODS_SE[0]))
     return parts
