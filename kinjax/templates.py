@@ -133,8 +133,9 @@ class Templates:
         with their ages, metallicities and names."""
         index = np.arange(self.n_templates)[np.asarray(index)]
         pick = lambda v: None if v is None else v[index]  # noqa: E731
+        names = tuple(self.names[i] for i in index) if self.names else ()
         return dataclasses.replace(self, flux=self.flux[index], age=pick(self.age), metal=pick(self.metal),
-                       names=tuple(self.names[i] for i in index) if self.names else ())
+                                   names=names)
 
     @property
     def ln_wave(self) -> np.ndarray:
