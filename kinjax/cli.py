@@ -246,6 +246,9 @@ def _cmd_fit_cube(args) -> int:
         raise KinjaxError("--v-mean applies to --spatial gp (the GP's mean function)")
     if args.spatial == "gp" and args.method == "nuts":
         raise KinjaxError("--spatial gp supports --method map or svi (NUTS over a whole cube is not offered)")
+    devices = _devices(args.devices)
+    if devices is not None and args.method == "nuts":
+        raise KinjaxError("--devices applies to --method map or svi (NUTS fits the spaxels one after the other)")
     cube = read_cube(args.target, args.format, fwhm=args.fwhm, redshift=args.redshift)
     if args.wave_range is not None:
         cube = cube.crop(*args.wave_range)
@@ -258,17 +261,27 @@ def _cmd_fit_cube(args) -> int:
         from kinjax.cube_model import fit_cube_gp
 
         result = fit_cube_gp(cube, templates, method=args.method, v_mean=args.v_mean, start_radius=args.start_radius,
-                             **common)
+                             devices=devices, **common)
     elif args.method == "nuts":
         from kinjax.cube_fit import fit_cube_spaxels_nuts
 
         result = fit_cube_spaxels_nuts(cube, templates, **common)
     else:
-        result = fit_cube_spaxels(cube, templates, **common)
+        result = fit_cube_spaxels(cube, templates, devices=devices, **common)
     result.write_maps(out)
     print(json.dumps({"out": str(out), "n_fitted": int(np.sum(result.fitted)),
                       "n_spaxels": int(result.n_spaxels), "spatial": args.spatial, "method": args.method}))
     return 0
+
+
+def _devices(text):
+    """--devices: None (one device), 'all' or a count, for kinjax.sharding.spectra_mesh."""
+    if text is None or text == "all":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise KinjaxError(f"--devices {text!r}: give a number of devices or 'all'") from None
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -353,6 +366,8 @@ def _build_parser() -> argparse.ArgumentParser:
                          "(e.g. 1.5 for --losvd gauss2 at low S/N; see fit_cube_gp)")
     fc.add_argument("--float32", action="store_true",
                      help="single precision (faster on most GPUs; default double)")
+    fc.add_argument("--devices", default=None, metavar="N|all",
+                    help="split the spectra over N devices, or all that JAX sees (e.g. several GPUs; default one)")
     fc.add_argument("--out", required=True, metavar="MAPS.fits", help="output maps")
     fc.set_defaults(func=_cmd_fit_cube)
     return parser

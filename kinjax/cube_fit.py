@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kinjax.errors import KinjaxError
+from kinjax.sharding import spectra_mesh
 
 __all__ = ["CubeFit", "fit_cube_spaxels", "fit_cube_spaxels_nuts", "prepare_cube", "select_spaxels",
            "losvd_summaries", "grid_moments", "laplace_batch", "spec_key"]
@@ -258,19 +259,22 @@ def spec_key(spec) -> tuple:
 
 
 @eqx.filter_jit
-def _fit_batch(forward, key, y, w):
-    """MAP fits (two starts, see :func:`kinjax.optimize.make_fitter`) of a batch (n, n_pix) of spectra."""
+def _fit_batch(forward, key, y, w, mesh=None):
+    """MAP fits (two starts, see :func:`kinjax.optimize.make_fitter`) of a batch (n, n_pix) of spectra.
+
+    ``mesh``: split the batch over devices (:func:`kinjax.sharding.spectra_mesh`).
+    """
     from kinjax.optimize import make_fitter, map_spectra
 
-    return map_spectra(make_fitter(forward, _SPECS[key]), y, w)
+    return map_spectra(make_fitter(forward, _SPECS[key]), y, w, mesh=mesh)
 
 
 @eqx.filter_jit
-def laplace_batch(forward, key, y, w, theta):
+def laplace_batch(forward, key, y, w, theta, mesh=None):
     """Laplace covariance (n, n_theta, n_theta) and χ² (n,) at given ``theta`` (n, n_theta)."""
     from kinjax.optimize import make_map_solver, map_spectra
 
-    sol = map_spectra(make_map_solver(forward, _SPECS[key], max_iter=0), y, w, theta)
+    sol = map_spectra(make_map_solver(forward, _SPECS[key], max_iter=0), y, w, theta, mesh=mesh)
     return sol.cov, sol.chi2
 
 
@@ -359,7 +363,7 @@ def _progress(iterable, total, enabled, desc):
 
 def fit_cube_spaxels(cube, templates, *, losvd="gh", moments=4, degree=4, mdegree=0,
                      velscale_ratio=2, vmax=2000.0, snr_min=None, chunk_size=256,
-                     progress=True, seed=0, mask_emission=True) -> CubeFit:
+                     progress=True, seed=0, mask_emission=True, devices=None) -> CubeFit:
     """Fit every usable spaxel of a cube independently (MAP + Laplace errors).
 
     Parameters
@@ -384,6 +388,9 @@ def fit_cube_spaxels(cube, templates, *, losvd="gh", moments=4, degree=4, mdegre
         Seed of the Laplace draws used for the moment errors.
     mask_emission : bool
         Mask the usual gas emission lines (default; see :func:`prepare_cube`).
+    devices : None, "all", int or sequence of jax devices
+        Split each chunk of spaxels over these devices (:func:`kinjax.sharding.spectra_mesh`;
+        ``chunk_size`` is then rounded up to a multiple of their number). None: one device.
 
     Returns
     -------
@@ -394,7 +401,10 @@ def fit_cube_spaxels(cube, templates, *, losvd="gh", moments=4, degree=4, mdegre
     cube, use, forward, spec = prepare_cube(
         cube, templates, snr_min=snr_min, velscale_ratio=velscale_ratio, vmax=vmax,
         degree=degree, mdegree=mdegree, losvd=losvd, moments=moments, mask_emission=mask_emission)
+    mesh = spectra_mesh(devices)
+    n_dev = 1 if mesh is None else mesh.size
     chunk_size = int(max(1, min(chunk_size, use.sum())))
+    chunk_size = -(-chunk_size // n_dev) * n_dev  # whole blocks per device: no padding
     dtype = forward.additive.dtype
     key = spec_key(spec)
     flux = cube.flux.astype(dtype)
@@ -409,7 +419,7 @@ def fit_cube_spaxels(cube, templates, *, losvd="gh", moments=4, degree=4, mdegre
     chunks = _chunks(idx, chunk_size)
     for part, padded in _progress(chunks, -(-idx.size // chunk_size), progress, "spaxels"):
         y, w = jnp.asarray(flux[padded]), jnp.asarray(weights[padded])
-        sol = _fit_batch(forward, key, y, w)
+        sol = _fit_batch(forward, key, y, w, mesh)
         m = part.size
         theta[part] = np.asarray(sol.theta)[:m]
         cov[part] = np.asarray(sol.cov)[:m]

@@ -99,6 +99,7 @@ import numpy as np
 
 from kinjax.errors import KinjaxError
 from kinjax.family import exp_where, log_where
+from kinjax.sharding import spectra_mesh
 
 __all__ = [
     "likelihood_only",
@@ -530,7 +531,7 @@ def fit_cube_gp(cube, templates, *, losvd="gh", moments=4, degree=4, mdegree=0, 
                 method="map", init=None, num_steps=None, seed=0, progress=True, snr_min=None,
                 velscale_ratio=2, vmax=2000.0, dense_max=2500, joint_max=6000, errors_dense_max=12000,
                 guide="normal", learning_rate=0.01, free_mean=True, hyper_max=600, hyper_draws=32,
-                hyper_nodes_max=900, mask_emission=True, v_mean="constant", start_radius=None):
+                hyper_nodes_max=900, mask_emission=True, v_mean="constant", start_radius=None, devices=None):
     """Fit all spaxels at once with GP priors on the LOSVD parameter maps.
 
     Parameters
@@ -593,6 +594,11 @@ def fit_cube_gp(cube, templates, *, losvd="gh", moments=4, degree=4, mdegree=0, 
         counter-rotating S/N-20 mock started this way reached a mean-velocity /
         dispersion RMSE of 5.8 / 7.0 km/s (7.9 / 6.5 before the mean form of the fields
         above), started from their own spaxel fits 27 / 29 km/s (benchmarks/CUBE_RESULTS.md).
+    devices : None, "all", int or sequence of jax devices
+        Split the spectra over these devices (:func:`kinjax.sharding.spectra_mesh`): the
+        start's spaxel fits, the χ² of every objective evaluation and its gradient, and
+        the Laplace errors. The hyperparameters and the GP algebra (one field at a time,
+        O(n_nodes) memory on a grid) stay on the first device. None: one device.
 
     Returns
     -------
@@ -611,9 +617,11 @@ def fit_cube_gp(cube, templates, *, losvd="gh", moments=4, degree=4, mdegree=0, 
     if v_mean not in ("constant", "rotation"):
         raise KinjaxError(f"unknown v_mean {v_mean!r}: use 'constant' or 'rotation'")
     t0 = time.perf_counter()
+    mesh = spectra_mesh(devices)
     if init is None:
         settings = dict(losvd=losvd, moments=moments, degree=degree, mdegree=mdegree, velscale_ratio=velscale_ratio,
-                        vmax=vmax, snr_min=snr_min, progress=progress, seed=seed, mask_emission=mask_emission)
+                        vmax=vmax, snr_min=snr_min, progress=progress, seed=seed, mask_emission=mask_emission,
+                        devices=devices)
         if start_radius:
             init = _smoothed_start(cube, templates, float(start_radius), settings)
         else:
@@ -720,14 +728,14 @@ def fit_cube_gp(cube, templates, *, losvd="gh", moments=4, degree=4, mdegree=0, 
 
     # NNLS warm start: the active set of each spaxel's linear solution at the start
     th_start = jnp.asarray(init.theta[fitted, :k], dtype)  # the spaxel fits, inside the bounds
-    passive = jax.jit(lambda th: map_spectra(_linear_support(forward, spec, mdegree), th, y, w))(
+    passive = jax.jit(lambda th: map_spectra(_linear_support(forward, spec, mdegree), th, y, w, mesh=mesh))(
         jnp.concatenate([th_start, mult], axis=1) if mdegree else th_start)
 
     def total_chi2(fields):  # fields (n_nodes, k): departures from the mean function
         theta = _from_fields(spec, (fields + offset)[data])
         if mdegree:
             theta = jnp.concatenate([theta, mult], axis=1)
-        return jnp.sum(map_spectra(chi2_one, theta, y, w, passive))
+        return jnp.sum(map_spectra(chi2_one, theta, y, w, passive, mesh=mesh))
 
     def prior_quad(fields):
         return sum(p.quad(fields[:, j]) for j, p in enumerate(priors))
@@ -781,7 +789,7 @@ def fit_cube_gp(cube, templates, *, losvd="gh", moments=4, degree=4, mdegree=0, 
     full = jnp.concatenate([theta_fit, mult], axis=1) if mdegree else theta_fit
     # Gauss-Hermite: data precision only, the GP prior replaces the single-spectrum prior on h_m
     spec_lik = dataclasses.replace(spec, h_prior=None)
-    cov_data, chi2_fit = laplace_batch(forward, spec_key(spec_lik), y, w, full)
+    cov_data, chi2_fit = laplace_batch(forward, spec_key(spec_lik), y, w, full, mesh)
     cov_data = np.asarray(cov_data)
     theta_np = np.asarray(full)
     var_d = np.diagonal(cov_data, axis1=1, axis2=2)[:, :k] / _field_jac(spec, theta_np[:, :k]) ** 2
