@@ -44,6 +44,7 @@ _LAZY = {
     "fit_cube_spaxels": "kinjax.cube_fit",
     "fit_cube_gp": "kinjax.cube_model",
     "CubeFit": "kinjax.cube_fit",
+    "spectra_mesh": "kinjax.sharding",
     # mocks
     "make_mock_cube": "kinjax.mock",
     "MockGalaxy": "kinjax.mock",

@@ -247,8 +247,6 @@ def _cmd_fit_cube(args) -> int:
     if args.spatial == "gp" and args.method == "nuts":
         raise KinjaxError("--spatial gp supports --method map or svi (NUTS over a whole cube is not offered)")
     devices = _devices(args.devices)
-    if devices is not None and args.method == "nuts":
-        raise KinjaxError("--devices applies to --method map or svi (NUTS fits the spaxels one after the other)")
     cube = read_cube(args.target, args.format, fwhm=args.fwhm, redshift=args.redshift)
     if args.wave_range is not None:
         cube = cube.crop(*args.wave_range)
@@ -265,7 +263,7 @@ def _cmd_fit_cube(args) -> int:
     elif args.method == "nuts":
         from kinjax.cube_fit import fit_cube_spaxels_nuts
 
-        result = fit_cube_spaxels_nuts(cube, templates, **common)
+        result = fit_cube_spaxels_nuts(cube, templates, devices=devices, **common)
     else:
         result = fit_cube_spaxels(cube, templates, devices=devices, **common)
     result.write_maps(out)

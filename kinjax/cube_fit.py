@@ -430,52 +430,70 @@ def fit_cube_spaxels(cube, templates, *, losvd="gh", moments=4, degree=4, mdegre
 
 def fit_cube_spaxels_nuts(cube, templates, *, losvd="gh", moments=4, degree=4, mdegree=0,
                           velscale_ratio=2, vmax=2000.0, snr_min=None, num_warmup=300, num_samples=250,
-                          num_chains=2, progress=True, seed=0, mask_emission=True) -> CubeFit:
+                          num_chains=2, chunk_size=16, progress=True, seed=0, mask_emission=True,
+                          devices=None) -> CubeFit:
     """Fit every usable spaxel independently with NUTS (MAP first, then the posterior).
 
-    One MAP solver and one NUTS program are compiled for the whole cube (the NUTS
-    program of :func:`kinjax.models.make_nuts_program`, on a fixed number of templates),
-    then the spaxels are sampled one after the other with a progress bar.
-    ``theta`` holds the posterior medians, ``theta_err`` half the 16-84 % widths and
-    ``cov`` the sample covariances; ``info["r_hat_max"]`` and ``info["divergences"]``
-    (n_spaxels,) are the diagnostics. Other parameters as :func:`fit_cube_spaxels`.
+    One jitted program per chunk of spaxels runs, for each spaxel, the two-start MAP fit,
+    the sampler's whitening from its Laplace covariance (:func:`kinjax.fit.nuts_inputs`)
+    and the NUTS chains of :func:`kinjax.models.make_nuts_program` (on a fixed number of
+    templates); the chunk is mapped like the MAP fits (:func:`kinjax.optimize.map_spectra`:
+    one spaxel after the other on a CPU, vectorised on accelerators, split over
+    ``devices``), with a progress bar over the chunks. ``theta`` holds the posterior
+    medians, ``theta_err`` half the 16-84 % widths and ``cov`` the sample covariances;
+    ``info["r_hat_max"]`` and ``info["divergences"]`` (n_spaxels,) are the diagnostics.
+    ``chunk_size`` spaxels per program call (on a GPU, the spaxels sampled at once). Other
+    parameters as :func:`fit_cube_spaxels`.
     """
     from kinjax.fit import nuts_inputs
     from kinjax.models import make_nuts_program, whitened_to_theta
-    from kinjax.optimize import make_fitter
+    from kinjax.optimize import make_fitter, map_spectra
 
     cube, use, forward, spec = prepare_cube(
         cube, templates, snr_min=snr_min, velscale_ratio=velscale_ratio, vmax=vmax,
         degree=degree, mdegree=mdegree, losvd=losvd, moments=moments, mask_emission=mask_emission)
+    mesh = spectra_mesh(devices)
+    n_dev = 1 if mesh is None else mesh.size
     dtype = forward.additive.dtype
     n, n_theta = cube.n_spaxels, spec.n_params + mdegree
     map_fit = make_fitter(forward, spec)
     run = make_nuts_program(spec, n_theta, num_warmup, num_samples, num_chains)
+
+    def one(rng, y, w):
+        sol = map_fit(y, w)
+        fm_sub, terms, loc, chol = nuts_inputs(forward, spec, sol)
+        z, div, _ = run(rng, fm_sub, y, w, terms, loc, chol)
+        return z, jnp.sum(div), loc, chol, sol.chi2, sol.n_active
+
+    batch = jax.jit(lambda keys, y, w: map_spectra(one, keys, y, w, mesh=mesh))
     theta = np.full((n, n_theta), np.nan)
     err = np.full((n, n_theta), np.nan)
     cov = np.full((n, n_theta, n_theta), np.nan)
     chi2, dof = np.full(n, np.nan), np.full(n, np.nan)
     rhat, divergences = np.full(n, np.nan), np.full(n, -1)
     idx = np.flatnonzero(use)
-    keys = jax.random.split(jax.random.PRNGKey(seed), idx.size)
-    for j, i in _progress(list(enumerate(idx)), idx.size, progress, "spaxels (NUTS)"):
-        y = jnp.asarray(cube.flux[i].astype(dtype))
-        w = jnp.asarray((cube.mask[i] / cube.noise[i]).astype(dtype))
-        sol = map_fit(y, w)
-        fm_sub, terms, loc, chol = nuts_inputs(forward, spec, sol)
-        z, div, _ = run(keys[j], fm_sub, y, w, terms, loc, chol)
-        draws = whitened_to_theta(z, spec, loc, chol)
-        flat = draws.reshape(-1, n_theta)
-        lo, med, hi = np.percentile(flat, [15.865, 50.0, 84.135], axis=0)
-        theta[i], err[i], cov[i] = med, 0.5 * (hi - lo), np.atleast_2d(np.cov(flat.T))
-        chi2[i] = float(sol.chi2)
-        dof[i] = cube.mask[i].sum() - n_theta - int(sol.n_active)
-        divergences[i] = int(np.asarray(div).sum())
-        if num_chains > 1:
-            import arviz as az
+    keys = np.asarray(jax.random.split(jax.random.PRNGKey(seed), n))  # one per spaxel, whatever the chunks
+    flux = cube.flux.astype(dtype)
+    weights = (cube.mask / cube.noise).astype(dtype)
+    chunk_size = int(max(1, min(chunk_size, idx.size)))
+    chunk_size = -(-chunk_size // n_dev) * n_dev
+    chunks = _chunks(idx, chunk_size)
+    for part, padded in _progress(chunks, -(-idx.size // chunk_size), progress, "spaxels (NUTS)"):
+        out = batch(jnp.asarray(keys[padded]), jnp.asarray(flux[padded]), jnp.asarray(weights[padded]))
+        z, div, loc, chol, chi2_b, n_active = (np.asarray(a)[: part.size] for a in out)
+        for j, i in enumerate(part):
+            draws = whitened_to_theta(z[j], spec, loc[j], chol[j])
+            flat = draws.reshape(-1, n_theta)
+            lo, med, hi = np.percentile(flat, [15.865, 50.0, 84.135], axis=0)
+            theta[i], err[i], cov[i] = med, 0.5 * (hi - lo), np.atleast_2d(np.cov(flat.T))
+            chi2[i] = float(chi2_b[j])
+            dof[i] = cube.mask[i].sum() - n_theta - int(n_active[j])
+            divergences[i] = int(div[j])
+            if num_chains > 1:
+                import arviz as az
 
-            r = az.rhat(az.convert_to_dataset({f"p{k}": draws[..., k] for k in range(n_theta)}))
-            rhat[i] = max(float(r[f"p{k}"]) for k in range(n_theta))
+                r = az.rhat(az.convert_to_dataset({f"p{k}": draws[..., k] for k in range(n_theta)}))
+                rhat[i] = max(float(r[f"p{k}"]) for k in range(n_theta))
     out = finish_fit(cube, spec, forward, theta, cov, chi2, dof, use, seed=seed, method="spaxels-nuts",
                      info={"r_hat_max": rhat, "divergences": divergences})
     import dataclasses

@@ -387,17 +387,17 @@ def nuts_inputs(fm: ForwardModel, spec: LosvdSpec, sol, nonneg: bool = True):
     non-negative when ``nonneg``, as in the MAP fit), and the whitening: the MAP ``loc``
     in the sampler's unconstrained coordinates (:meth:`~kinjax.family.LosvdSpec.constrain`)
     and a square root ``chol`` of its Laplace covariance there;
-    :func:`kinjax.models.whitened_to_theta` maps the draws back.
+    :func:`kinjax.models.whitened_to_theta` maps the draws back. Pure JAX with shapes
+    fixed by the set-up, so it can be mapped over a batch of spectra inside ``jit``.
     """
     from kinjax.linear import LinearTerms
 
-    linear = np.asarray(sol.linear)
+    linear = jnp.asarray(sol.linear)
     n_t = fm.n_templates
     n_keep = min(NUTS_TEMPLATES, n_t)
-    order = np.argsort(-np.abs(linear[:n_t]), kind="stable")[:n_keep]
+    order = jnp.argsort(-jnp.abs(linear[:n_t]), stable=True)[:n_keep]
     used = linear[order] != 0
-    if not used.any():
-        used[:] = True
+    used = used | ~used.any()  # no template at all: offer them all
     if fm.n_components == 1:
         # same shapes for every spectrum: unused slots are dropped by LinearTerms.use
         fm_sub = ForwardModel(
@@ -407,30 +407,30 @@ def nuts_inputs(fm: ForwardModel, spec: LosvdSpec, sol, nonneg: bool = True):
             component_sizes=(n_keep,), vmax=fm.vmax,
         )
     else:  # several components: keep every template (rarely needed; slower)
-        fm_sub, used = fm, np.ones(n_t, bool)
+        fm_sub, used = fm, jnp.ones(n_t, bool)
     n_add = fm_sub.additive.shape[0]
-    terms = LinearTerms(use=jnp.asarray(np.r_[used, np.ones(n_add, bool)]),
-                        nonneg=jnp.asarray(np.r_[np.full(used.size, nonneg), np.zeros(n_add, bool)]))
+    terms = LinearTerms(use=jnp.concatenate([used, jnp.ones(n_add, bool)]),
+                        nonneg=jnp.concatenate([jnp.full(used.size, nonneg), jnp.zeros(n_add, bool)]))
     # whitening in the sampler's unconstrained coordinates s (LosvdSpec.constrain): the
     # MAP mapped to s, its Laplace covariance carried over by the Jacobian dθ/ds there
     k = spec.n_params
-    theta = np.asarray(sol.theta, float)
+    theta = jnp.asarray(sol.theta)
     # (a MAP on a bound, e.g. σ = 5 km/s for an unresolved line, would sit at s = ±14 where
     # the map is flat and the whitening degenerate: start 2 % of the interval inside)
-    loc = np.concatenate([np.asarray(spec.unconstrain(jnp.asarray(theta[:k]), eps=0.02)), theta[k:]])
-    jac = np.concatenate([np.diag(np.asarray(jax.jacfwd(lambda s: spec.constrain(s)[0])(jnp.asarray(loc[:k])))),
-                          np.ones(theta.size - k)])
-    cov = np.asarray(sol.cov) / np.outer(jac, jac)
+    loc = jnp.concatenate([spec.unconstrain(theta[:k], eps=0.02), theta[k:]])
+    jac = jnp.concatenate([jnp.diag(jax.jacfwd(lambda s: spec.constrain(s)[0])(loc[:k])),
+                           jnp.ones(theta.size - k, theta.dtype)])
+    cov = jnp.asarray(sol.cov) / jnp.outer(jac, jac)
     # a MAP on a bound also has a useless Laplace covariance there: the Sanders–Evans MAP
     # often sits at σ_K = 0.01, where its s-space sd came out 643 against a posterior sd
     # of 0.6, and NUTS ran to tree depth 9. No coordinate of s is wider than about the
     # logistic density itself (sd 1.8), so cap each sd at WHITEN_SD_MAX, keeping correlations
-    sd = np.sqrt(np.clip(np.diag(cov), 0.0, None))
-    shrink = np.minimum(1.0, WHITEN_SD_MAX / np.where(sd > 0, sd, 1.0))
-    cov = cov * np.outer(shrink, shrink)
-    evals, evecs = np.linalg.eigh(0.5 * (cov + cov.T))
-    chol = evecs * np.sqrt(np.clip(evals, 1e-12 * evals.max(), None))
-    return fm_sub, terms, jnp.asarray(loc), jnp.asarray(chol)
+    sd = jnp.sqrt(jnp.clip(jnp.diag(cov), 0.0, None))
+    shrink = jnp.minimum(1.0, WHITEN_SD_MAX / jnp.where(sd > 0, sd, 1.0))
+    cov = cov * jnp.outer(shrink, shrink)
+    evals, evecs = jnp.linalg.eigh(0.5 * (cov + cov.T))
+    chol = evecs * jnp.sqrt(jnp.clip(evals, 1e-12 * evals.max(), None))
+    return fm_sub, terms, loc, chol
 
 
 def _nuts_sampler(setup, num_warmup, num_samples, num_chains):
