@@ -19,6 +19,7 @@ SECTIONS = (
     ("montecarlo", "Monte Carlo on mock spectra"),
     ("montecarlo_nuts", "Monte Carlo: calibration of the NUTS posteriors"),
     ("precision", "Single vs double precision"),
+    ("sharding", "Cube fits split over several devices"),
 )
 
 
