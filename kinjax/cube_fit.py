@@ -278,6 +278,13 @@ def laplace_batch(forward, key, y, w, theta, mesh=None):
     return sol.cov, sol.chi2
 
 
+def _chunk_size(size, n_use, mesh):
+    """Spaxels per batch: at most ``size`` and the ``n_use`` spaxels, whole blocks per device of ``mesh``."""
+    n_dev = 1 if mesh is None else mesh.size
+    size = int(max(1, min(size, n_use)))
+    return -(-size // n_dev) * n_dev
+
+
 def _chunks(idx, size):
     for a in range(0, idx.size, size):
         part = idx[a:a + size]
@@ -402,9 +409,7 @@ def fit_cube_spaxels(cube, templates, *, losvd="gh", moments=4, degree=4, mdegre
         cube, templates, snr_min=snr_min, velscale_ratio=velscale_ratio, vmax=vmax,
         degree=degree, mdegree=mdegree, losvd=losvd, moments=moments, mask_emission=mask_emission)
     mesh = spectra_mesh(devices)
-    n_dev = 1 if mesh is None else mesh.size
-    chunk_size = int(max(1, min(chunk_size, use.sum())))
-    chunk_size = -(-chunk_size // n_dev) * n_dev  # whole blocks per device: no padding
+    chunk_size = _chunk_size(chunk_size, use.sum(), mesh)
     dtype = forward.additive.dtype
     key = spec_key(spec)
     flux = cube.flux.astype(dtype)
@@ -453,7 +458,6 @@ def fit_cube_spaxels_nuts(cube, templates, *, losvd="gh", moments=4, degree=4, m
         cube, templates, snr_min=snr_min, velscale_ratio=velscale_ratio, vmax=vmax,
         degree=degree, mdegree=mdegree, losvd=losvd, moments=moments, mask_emission=mask_emission)
     mesh = spectra_mesh(devices)
-    n_dev = 1 if mesh is None else mesh.size
     dtype = forward.additive.dtype
     n, n_theta = cube.n_spaxels, spec.n_params + mdegree
     map_fit = make_fitter(forward, spec)
@@ -475,8 +479,7 @@ def fit_cube_spaxels_nuts(cube, templates, *, losvd="gh", moments=4, degree=4, m
     keys = np.asarray(jax.random.split(jax.random.PRNGKey(seed), n))  # one per spaxel, whatever the chunks
     flux = cube.flux.astype(dtype)
     weights = (cube.mask / cube.noise).astype(dtype)
-    chunk_size = int(max(1, min(chunk_size, idx.size)))
-    chunk_size = -(-chunk_size // n_dev) * n_dev
+    chunk_size = _chunk_size(chunk_size, idx.size, mesh)
     chunks = _chunks(idx, chunk_size)
     for part, padded in _progress(chunks, -(-idx.size // chunk_size), progress, "spaxels (NUTS)"):
         out = batch(jnp.asarray(keys[padded]), jnp.asarray(flux[padded]), jnp.asarray(weights[padded]))
