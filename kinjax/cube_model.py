@@ -18,7 +18,13 @@ The template weights and the additive polynomial are *profiled*: for each spaxel
 trial θ they are solved by NNLS and held fixed with ``jax.lax.stop_gradient``; by the
 envelope theorem the gradient of the profiled χ² is then exact. The objective is
 
-    Σ_spaxels ½ χ²_s(θ_s) + Σ_fields ½ (θ_f − m_f)ᵀ K_f⁻¹ (θ_f − m_f) (+ ½ log det K_f)
+    Σ_spaxels ½ [χ²_s(θ_s) + |r(θ_s)|²] + Σ_fields ½ (θ_f − m_f)ᵀ K_f⁻¹ (θ_f − m_f) (+ ½ log det K_f)
+
+with r the family's prior residuals *without* the priors on single parameter values that
+the GP priors replace (:meth:`kinjax.family.LosvdSpec.without_value_priors`): nothing for
+Gauss–Hermite and the two Gaussians, the shape priors for Sanders–Evans (without them
+(δ, κ) are unidentified when σ_K is small) and the smoothness priors for the histogram
+(they tie neighbouring bins of one LOSVD together). The Laplace errors use the same terms.
 
 :func:`fit_cube_gp` proceeds in three steps:
 
@@ -39,7 +45,7 @@ envelope theorem the gradient of the profiled χ² is then exact. The objective 
    disc + bulge mock at S/N 20 (true GH h4 ≈ +0.05) the h4 field's mean moved from
    −0.007 to +0.026, lowering the RMSE of DISPERSION from 10.1 to 9.2 km/s.
    Errors are Laplace: jointly over all fields and spaxels (each spaxel's data
-   precision block, without the single-spectrum h_m prior, plus each field's GP precision,
+   precision block, with the per-spaxel prior terms r above, plus each field's GP precision,
    with the field means marginalised)
    up to ``joint_max`` unknowns; beyond that per field ``Σ_post = (Λ_data + K⁻¹)⁻¹``
    with ``Λ_data`` the diagonal data precision at the optimum (fields independent).
@@ -725,6 +731,15 @@ def fit_cube_gp(cube, templates, *, losvd="gh", moments=4, degree=4, mdegree=0, 
     mu, roots, variances = gaussian_posterior(f0, err0)
 
     chi2_one = make_profiled_chi2(forward, spec, mdegree)
+    # the GP priors replace the family's priors on single parameter values; priors that tie
+    # one LOSVD's parameters together (the histogram's) stay, in the objective and the errors
+    spec_field = spec.without_value_priors()
+    n_res = jax.eval_shape(spec_field.prior_residuals, jnp.zeros(k, dtype)).shape[0]
+
+    def prior_chi2(theta):  # Σ_spaxels |prior residuals|², i.e. −2 log prior up to a constant
+        if n_res == 0:
+            return 0.0
+        return jnp.sum(jax.vmap(lambda t: jnp.sum(spec_field.prior_residuals(t) ** 2))(theta))
 
     # NNLS warm start: the active set of each spaxel's linear solution at the start
     th_start = jnp.asarray(init.theta[fitted, :k], dtype)  # the spaxel fits, inside the bounds
@@ -735,7 +750,7 @@ def fit_cube_gp(cube, templates, *, losvd="gh", moments=4, degree=4, mdegree=0, 
         theta = _from_fields(spec, (fields + offset)[data])
         if mdegree:
             theta = jnp.concatenate([theta, mult], axis=1)
-        return jnp.sum(map_spectra(chi2_one, theta, y, w, passive, mesh=mesh))
+        return jnp.sum(map_spectra(chi2_one, theta, y, w, passive, mesh=mesh)) + prior_chi2(theta[:, :k])
 
     def prior_quad(fields):
         return sum(p.quad(fields[:, j]) for j, p in enumerate(priors))
@@ -787,9 +802,9 @@ def fit_cube_gp(cube, templates, *, losvd="gh", moments=4, degree=4, mdegree=0, 
     # ---- Laplace errors at the optimum: data precision from the per-spaxel Gauss-Newton
     theta_fit = _from_fields(spec, fields[data])
     full = jnp.concatenate([theta_fit, mult], axis=1) if mdegree else theta_fit
-    # Gauss-Hermite: data precision only, the GP prior replaces the single-spectrum prior on h_m
-    spec_lik = dataclasses.replace(spec, h_prior=None)
-    cov_data, chi2_fit = laplace_batch(forward, spec_key(spec_lik), y, w, full, mesh)
+    # the precision of the objective's per-spaxel terms: the data and, for the histogram, its
+    # prior (the GP prior replaces the family's priors on single values, e.g. GH h_m)
+    cov_data, chi2_fit = laplace_batch(forward, spec_key(spec_field), y, w, full, mesh)
     cov_data = np.asarray(cov_data)
     theta_np = np.asarray(full)
     var_d = np.diagonal(cov_data, axis1=1, axis2=2)[:, :k] / _field_jac(spec, theta_np[:, :k]) ** 2
@@ -881,7 +896,9 @@ def likelihood_only(spec, theta, cov, prior_weight=1.0, min_data_share=0.05):
     as this one is, in the Laplace approximation), the data the 3D model's GP prior
     should see instead of estimates shrunk towards zero. Other families are returned
     unchanged: the Sanders–Evans shape priors identify (δ, κ) when σ_K is small, and
-    without them their likelihood-only errors are unbounded.
+    without them their likelihood-only errors are unbounded; the two Gaussians' priors
+    (width 0.7 in ln σ, 1000 km/s in V) are too weak to shrink the spaxel estimates
+    noticeably; the histogram's smoothness prior stays in the 3D objective too.
 
     Parameters
     ----------

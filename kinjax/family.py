@@ -52,7 +52,7 @@ identified when σ_K is small. ``se_prior=None`` gives flat priors.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import jax
 import jax.numpy as jnp
@@ -168,7 +168,7 @@ class LosvdSpec:
         if self.family == "se" and self.se_prior is not None:
             shape = jnp.asarray(theta)[2:]
             return shape / jnp.asarray(self.se_prior[:shape.shape[0]], shape.dtype)
-        if self.family == "gauss2":
+        if self.family == "gauss2" and self.options.get("value_priors", True):
             theta = self.components_form(jnp.asarray(theta))
             return jnp.stack([theta[0] / 1000.0, theta[2] / 1000.0, (jnp.log(theta[1]) - np.log(100.0)) / 0.7,
                               (jnp.log(theta[3]) - np.log(100.0)) / 0.7, (theta[4] - 0.5) / 0.5])
@@ -183,6 +183,21 @@ class LosvdSpec:
         smooth = jnp.diff(theta, n=3) / self.smoothness
         edges = (theta[jnp.array([0, -1])] - jax.scipy.special.logsumexp(theta) - HIST_EDGE_LOGMASS[0])
         return jnp.concatenate([smooth, edges / HIST_EDGE_LOGMASS[1], jnp.mean(theta)[None] / 10.0])
+
+    def without_value_priors(self) -> "LosvdSpec":
+        """The spec without the priors that the 3D model's GP priors replace: the
+        Gauss–Hermite h_m prior and the two Gaussians' weak priors.
+
+        Kept beside a GP (which has its own mean and amplitude per field), they would act
+        once per spaxel on each field's mean: on a counter-rotating mock at S/N 20 the
+        two-Gaussian ln σ prior, centred on 100 km/s, pulled the 3D dispersion up by
+        13 km/s. The Sanders–Evans shape priors stay, because without them the data leave
+        (δ, κ) unidentified when σ_K is small, and so do the histogram's, which tie
+        neighbouring velocity bins of one LOSVD together.
+        """
+        if self.family == "gauss2":
+            return replace(self, options={**self.options, "value_priors": False})
+        return replace(self, h_prior=None)
 
     def identified(self, theta):
         """``theta`` (..., n_params) with the directions the LOSVD ignores removed.

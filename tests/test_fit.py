@@ -351,6 +351,32 @@ def test_histogram_prior():
     assert np.sum(np.asarray(spec.prior_residuals(jnp.asarray(wiggle)))[: n - 3] ** 2) > 10  # 28
 
 
+def test_without_value_priors():
+    """The priors the 3D model's GP priors replace are dropped (Gauss–Hermite h_m, the two
+    Gaussians' V / ln σ / f1 priors); those that identify or tie one LOSVD's parameters
+    together (Sanders–Evans shape, histogram smoothness) are kept unchanged."""
+    from kinjax.family import losvd_spec
+
+    gh = losvd_spec("gh", moments=4)
+    th = jnp.asarray([10.0, np.log(150.0), 0.05, -0.03])
+    np.testing.assert_allclose(np.asarray(gh.prior_residuals(th)), [0.5, -0.3])
+    assert np.asarray(gh.without_value_priors().prior_residuals(th)).size == 0
+    g2 = losvd_spec("gauss2")
+    th2 = jnp.asarray(g2.initial(0.0, 100.0))
+    assert np.asarray(g2.prior_residuals(th2)).size == 5
+    assert np.asarray(g2.without_value_priors().prior_residuals(th2)).size == 0
+    assert g2.without_value_priors().options["value_priors"] is False and "value_priors" not in g2.options
+    se = losvd_spec("se")
+    th_se = jnp.asarray([10.0, 150.0, 0.5, -0.15, 0.4])
+    np.testing.assert_array_equal(np.asarray(se.without_value_priors().prior_residuals(th_se)),
+                                  np.asarray(se.prior_residuals(th_se)))
+    hist = losvd_spec("hist", velscale=60.0)
+    c = np.asarray(hist.options["centres"])
+    wiggle = jnp.asarray(-0.5 * (c / 120.0) ** 2 + 0.3 * np.cos(np.arange(c.size)))
+    np.testing.assert_array_equal(np.asarray(hist.without_value_priors().prior_residuals(wiggle)),
+                                  np.asarray(hist.prior_residuals(wiggle)))
+
+
 def test_histogram_nuts_reports_identified_logits():
     """NGC 4550 with the histogram: the softmax ignores the mean logit, whose posterior
     (the weak Normal(0, 10) anchor alone) NUTS explores slowly: raw logits gave R-hat 1.15
