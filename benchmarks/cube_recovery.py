@@ -566,15 +566,16 @@ coverage: mean over the cubes):
 Counter-rotating discs with the two-Gaussian family (`fit_cube_gp(losvd="gauss2", start_radius=1.5)`: two
 Gaussians, each with its own template mix and light fraction, GP priors on the blend's mean velocity
 V = f1 V1 + (1 − f1) V2, the separation V2 − V1, ln σ1, ln σ2 and logit f1 (`kinjax.family.gauss2_mean_form`; rerun
-with `--redo-gauss2`); the start is the spaxel-by-spaxel fit of the cube averaged over 3 × 3 spaxels), on the same
-cubes:
+with `--redo-gauss2`); the start is the spaxel-by-spaxel fit of the cube averaged over 3 × 3 spaxels; the 3D
+objective and, since session 16, its errors carry the GP priors only, not the family's weak priors on single values),
+on the same cubes:
 
 {t[5]}
 
 Sanders–Evans family (`--add-se`, run separately on the same cubes: `fit_cube_spaxels(losvd="se")`, then
 `fit_cube_gp(losvd="se", init=...)` with GP priors on V, ln σ, ln σ_K, δ, κ; V and σ of this family are the
-LOSVD's mean and dispersion exactly; the spaxel fits carry the family's weak shape priors, the 3D fit only the GP
-priors):
+LOSVD's mean and dispersion exactly; the spaxel fits carry the family's weak shape priors, and so, since session 16,
+does the 3D fit, beside its GP priors, in its objective and its errors alike):
 
 {t[6]}
 

@@ -29,6 +29,8 @@ __all__ = ["CubeFit", "fit_cube_spaxels", "fit_cube_spaxels_nuts", "prepare_cube
 
 #: Laplace draws per spaxel used to propagate errors to the mean velocity and dispersion.
 N_DRAWS = 64
+#: families whose LOSVDs are true densities with closed-form mean and dispersion
+EXACT_MOMENTS = ("se", "gauss2")
 
 
 @dataclass(frozen=True)
@@ -45,8 +47,10 @@ class CubeFit:
     theta, theta_err : (n_spaxels, n_params)
         Best parameters (V and σ in km/s) and 1σ errors (Laplace approximation).
     mean_v, mean_v_err : (n_spaxels,)
-        First moment of the fitted LOSVD and its error (km/s), from ``losvd`` with
-        negative lobes clipped (see :func:`grid_moments`); errors from Laplace draws.
+        First moment of the fitted LOSVD and its error (km/s): exact for the
+        non-negative families (Sanders–Evans, two Gaussians), from ``losvd`` with
+        negative lobes clipped otherwise (see :func:`losvd_summaries`); errors from
+        Laplace draws.
     dispersion, dispersion_err : (n_spaxels,)
         Square root of the second central moment of the fitted LOSVD and its error (km/s).
     velocity : (n_v,)
@@ -311,6 +315,15 @@ def grid_moments(pdf, velocity):
 def losvd_summaries(spec, theta, cov, velocity, key, n_draws=N_DRAWS):
     """Mean velocity, dispersion (with Laplace-draw errors) and tabulated LOSVD.
 
+    The moments are the LOSVD's exact ones where the family has them in closed form and
+    is a true density (Sanders–Evans: V and σ themselves; two Gaussians: the mixture's),
+    and :func:`grid_moments` of the tabulated LOSVD otherwise (Gauss–Hermite, whose
+    negative lobes are clipped; the histogram, which is its grid). A grid of
+    ``velscale / 2`` cannot represent a component narrower than that: point-sampled, a
+    two-Gaussian component of σ ≈ 20 km/s on a 37 km/s grid snapped its mean towards the
+    nearest node, and the Laplace draws of a 3D fit of counter-rotating discs at S/N 20
+    gave MEAN_V errors of 26 km/s where the mean-velocity field's own posterior sd was 4.
+
     Parameters
     ----------
     spec : LosvdSpec
@@ -338,7 +351,10 @@ def _summaries(key, velocity, theta, cov, keys, n_draws):
     lower, upper = jnp.asarray(spec.lower, theta.dtype), jnp.asarray(spec.upper, theta.dtype)
 
     def moments(th):
-        return jnp.stack(grid_moments(spec.build(th).pdf(velocity), velocity))
+        los = spec.build(th)
+        if spec.family in EXACT_MOMENTS:
+            return jnp.stack([los.mean, los.dispersion])
+        return jnp.stack(grid_moments(los.pdf(velocity), velocity))
 
     def one(th, c, rng):
         th, c = th[:k], c[:k, :k]

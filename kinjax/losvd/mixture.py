@@ -52,6 +52,12 @@ class Mixture(LOSVD):
     def mean(self):
         return sum(f * c.mean for f, c in zip(self.fractions, self.components))
 
+    @property
+    def dispersion(self):
+        """sqrt(Σ f_i (σ_i² + μ_i²) − μ²) from the components' own moments (exact)."""
+        second = sum(f * (c.dispersion**2 + c.mean**2) for f, c in zip(self.fractions, self.components))
+        return jnp.sqrt(jnp.clip(second - self.mean**2, 0.0, None))
+
     def to_vector(self):
         """Component vectors one after the other, then the n_comp fractions."""
         return jnp.concatenate([c.to_vector() for c in self.components] + [self.fractions])
