@@ -18,7 +18,7 @@ The template weights and the additive polynomial are *profiled*: for each spaxel
 trial θ they are solved by NNLS and held fixed with ``jax.lax.stop_gradient``; by the
 envelope theorem the gradient of the profiled χ² is then exact. The objective is
 
-    Σ_spaxels ½ [χ²_s(θ_s) + |r(θ_s)|²] + Σ_fields ½ (θ_f − m_f)ᵀ K_f⁻¹ (θ_f − m_f) (+ ½ log det K_f)
+    Σ_spaxels ½ [χ²_s(θ_s) + ‖r(θ_s)‖²] + Σ_fields ½ (θ_f − m_f)ᵀ K_f⁻¹ (θ_f − m_f) (+ ½ log det K_f)
 
 with r the family's prior residuals *without* the priors on single parameter values that
 the GP priors replace (:meth:`kinjax.family.LosvdSpec.without_value_priors`): nothing for
