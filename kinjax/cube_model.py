@@ -735,15 +735,13 @@ def fit_cube_gp(cube, templates, *, losvd="gh", moments=4, degree=4, mdegree=0, 
     mu, roots, variances = gaussian_posterior(f0, err0)
 
     chi2_one = make_profiled_chi2(forward, spec, mdegree)
-    # the GP priors replace the family's priors on single parameter values; priors that tie
-    # one LOSVD's parameters together (the histogram's) stay, in the objective and the errors
+    # per-spaxel prior terms: the family's, less the priors on single values that the GP
+    # priors replace; the same terms in the objective and the errors, except that the
+    # histogram's stay out of the objective (see the module docstring for the measurements)
     spec_field = spec.without_value_priors()
-    # except the histogram's, which the errors keep but the objective leaves out: in the
-    # objective it gave a counter-rotating mock at S/N 20 a DISPERSION map 42 km/s too high
-    # (7.4 km/s RMSE without it); without it in the errors they were 120 km/s for MEAN_V
     n_res = 0 if spec.family == "hist" else jax.eval_shape(spec_field.prior_residuals, jnp.zeros(k, dtype)).shape[0]
 
-    def prior_chi2(theta):  # Σ_spaxels |prior residuals|², i.e. −2 log prior up to a constant
+    def prior_chi2(theta):  # Σ_spaxels ‖prior residuals‖², i.e. −2 log prior up to a constant
         if n_res == 0:
             return 0.0
         return jnp.sum(jax.vmap(lambda t: jnp.sum(spec_field.prior_residuals(t) ** 2))(theta))
