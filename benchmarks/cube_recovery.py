@@ -567,8 +567,9 @@ Counter-rotating discs with the two-Gaussian family (`fit_cube_gp(losvd="gauss2"
 Gaussians, each with its own template mix and light fraction, GP priors on the blend's mean velocity
 V = f1 V1 + (1 − f1) V2, the separation V2 − V1, ln σ1, ln σ2 and logit f1 (`kinjax.family.gauss2_mean_form`; rerun
 with `--redo-gauss2`); the start is the spaxel-by-spaxel fit of the cube averaged over 3 × 3 spaxels; the 3D
-objective and, since session 16, its errors carry the GP priors only, not the family's weak priors on single values),
-on the same cubes:
+objective and, since session 16, its errors carry the GP priors only, not the family's weak priors on single values;
+since session 17 the GP kernel is Matérn-1/2, the family's default, and the hyperparameters are fitted to the start
+as averages of the fields), on the same cubes:
 
 {t[5]}
 

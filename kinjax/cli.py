@@ -242,6 +242,8 @@ def _cmd_fit_cube(args) -> int:
         raise KinjaxError("--method svi needs --spatial gp (spaxel-by-spaxel fits use map or nuts)")
     if args.spatial == "none" and args.start_radius is not None:
         raise KinjaxError("--start-radius applies to --spatial gp (the 3D fit's start)")
+    if args.spatial == "none" and args.kernel is not None:
+        raise KinjaxError("--kernel applies to --spatial gp (the GP prior's kernel)")
     if args.spatial == "none" and args.v_mean != "constant":
         raise KinjaxError("--v-mean applies to --spatial gp (the GP's mean function)")
     if args.spatial == "gp" and args.method == "nuts":
@@ -259,7 +261,7 @@ def _cmd_fit_cube(args) -> int:
         from kinjax.cube_model import fit_cube_gp
 
         result = fit_cube_gp(cube, templates, method=args.method, v_mean=args.v_mean, start_radius=args.start_radius,
-                             devices=devices, **common)
+                             kernel=args.kernel, devices=devices, **common)
     elif args.method == "nuts":
         from kinjax.cube_fit import fit_cube_spaxels_nuts
 
@@ -359,6 +361,9 @@ def _build_parser() -> argparse.ArgumentParser:
     fc.add_argument("--v-mean", choices=["constant", "rotation"], default="constant",
                     help="mean function of the V map under --spatial gp: constant (default) or an "
                          "arctan rotation curve of an inclined disc fitted to the spaxel velocities")
+    fc.add_argument("--kernel", choices=["matern32", "matern12", "expsquared"], default=None,
+                    help="--spatial gp: the GP prior's kernel (default matern12 for --losvd gauss2, "
+                         "matern32 otherwise; see fit_cube_gp)")
     fc.add_argument("--start-radius", type=float, default=None, metavar="R",
                     help="--spatial gp: start from spaxel fits of the cube averaged within R spaxels "
                          "(e.g. 1.5 for --losvd gauss2 at low S/N; see fit_cube_gp)")

@@ -265,6 +265,21 @@ class Cube:
         return replace(self, wave=wave_new, flux=flux_new, noise=noise_new, mask=mask_new,
                        fwhm=fwhm, velscale=float(velscale))
 
+    def neighbours(self, radius: float):
+        """(n_spaxels, n_spaxels) scipy CSR matrix: 1 where spaxel j is valid and within
+        ``radius`` spaxel spacings of spaxel i (i itself included if valid), else 0."""
+        import scipy.sparse as sp
+        from scipy.spatial import cKDTree
+
+        if not (np.isfinite(radius) and radius >= 0):
+            raise KinjaxError(f"radius must be a non-negative number of spaxels, got {radius}")
+        xy = np.stack([self.x, self.y], axis=1)
+        tree = cKDTree(xy)
+        step = float(np.median(tree.query(xy, k=2)[0][:, 1])) if self.n_spaxels > 1 else 1.0
+        pairs = tree.sparse_distance_matrix(tree, (radius + 1e-9) * step, output_type="coo_matrix")
+        near = sp.coo_matrix((np.ones(pairs.nnz), (pairs.row, pairs.col)), shape=pairs.shape).tocsr()
+        return (near + sp.identity(self.n_spaxels, format="csr")).sign() @ sp.diags(self.valid.astype(float))
+
     def neighbour_mean(self, radius: float) -> tuple["Cube", np.ndarray]:
         """Each spaxel replaced by the mean of the valid spaxels within ``radius`` (in units
         of the spaxel spacing) around it, pixel by pixel over the good pixels.
@@ -278,17 +293,7 @@ class Cube:
             The averaged cube (noise propagated; a pixel is good where any neighbour's
             is) and, per spaxel, the number of spaxels averaged (n_spaxels,).
         """
-        import scipy.sparse as sp
-        from scipy.spatial import cKDTree
-
-        if not (np.isfinite(radius) and radius >= 0):
-            raise KinjaxError(f"radius must be a non-negative number of spaxels, got {radius}")
-        xy = np.stack([self.x, self.y], axis=1)
-        tree = cKDTree(xy)
-        step = float(np.median(tree.query(xy, k=2)[0][:, 1])) if self.n_spaxels > 1 else 1.0
-        pairs = tree.sparse_distance_matrix(tree, (radius + 1e-9) * step, output_type="coo_matrix")
-        near = sp.coo_matrix((np.ones(pairs.nnz), (pairs.row, pairs.col)), shape=pairs.shape).tocsr()
-        near = (near + sp.identity(self.n_spaxels, format="csr")).sign() @ sp.diags(self.valid.astype(float))
+        near = self.neighbours(radius)
         good = (self.mask & self.valid[:, None]).astype(float)
         count = near @ good
         with np.errstate(invalid="ignore", divide="ignore"):

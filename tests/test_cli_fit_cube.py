@@ -66,9 +66,10 @@ def test_fit_cube_refuses_bad_combination(mock_file, tmp_path):
     assert not out.exists()
 
 
-def test_fit_cube_v_mean_needs_gp(mock_file, tmp_path, capsys):
+@pytest.mark.parametrize("flag", [["--v-mean", "rotation"], ["--kernel", "matern12"]])
+def test_fit_cube_gp_options_need_gp(mock_file, tmp_path, capsys, flag):
     out = tmp_path / "maps.fits"
-    assert main(["fit-cube", str(mock_file), "--fwhm", "2.65", "--v-mean", "rotation", "--out", str(out)]) == 2
+    assert main(["fit-cube", str(mock_file), "--fwhm", "2.65", *flag, "--out", str(out)]) == 2
     assert "--spatial gp" in capsys.readouterr().err
     assert not out.exists()
 

@@ -1,6 +1,8 @@
 """The 3D model: Kronecker GP algebra against tinygp, and the GP fit against spaxel-by-spaxel."""
 
 
+import dataclasses
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -10,7 +12,7 @@ from kinjax.cube_model import DenseGP, GridGP, cube_model, kronecker_logpdf, tin
 from kinjax.errors import KinjaxError
 
 
-@pytest.mark.parametrize("kind", ["matern32", "expsquared"])
+@pytest.mark.parametrize("kind", ["matern32", "matern12", "expsquared"])
 def test_kronecker_logpdf_equals_tinygp(kind):
     from tinygp import GaussianProcess
 
@@ -219,8 +221,8 @@ def test_hyperparameter_uncertainty_widens_errors_only():
 
 def test_smoothed_start():
     """``start_radius``: the start is fitted on the neighbour-averaged cube (its errors scaled
-    to one spaxel, so the hyperparameters see single-spaxel noise), and the 3D fit from it
-    still beats the spaxel-by-spaxel fits against the truth at S/N 15."""
+    to one spaxel, its averaging weights kept for the hyperparameters' likelihood), and the
+    3D fit from it still beats the spaxel-by-spaxel fits against the truth at S/N 15."""
     from kinjax.cube_fit import fit_cube_spaxels
     from kinjax.cube_model import _smoothed_start, fit_cube_gp
 
@@ -233,6 +235,7 @@ def test_smoothed_start():
     np.testing.assert_allclose(start.theta, direct.theta)
     np.testing.assert_allclose(start.cov, direct.cov * n_avg[:, None, None])
     np.testing.assert_array_equal(start.info["start_n_avg"], n_avg)  # the prior's weight is then 1/n_avg
+    np.testing.assert_array_equal(start.info["start_weights"].toarray() > 0, cube.neighbours(1.5).toarray() > 0)
     assert start.cube.n_spaxels == cube.n_spaxels and np.array_equal(start.cube.flux, cube.flux)
     spax = fit_cube_spaxels(cube, tpl, vmax=1000.0, progress=False)
     gp = fit_cube_gp(cube, tpl, vmax=1000.0, start_radius=1.5, progress=False)
@@ -240,6 +243,82 @@ def test_smoothed_start():
     for est, ref in ((gp.mean_v, spax.mean_v), (gp.dispersion, spax.dispersion)):
         j = 0 if est is gp.mean_v else 1
         assert np.sqrt(np.mean((est - mom[:, j]) ** 2)) < 0.8 * np.sqrt(np.mean((ref - mom[:, j]) ** 2))
+
+
+def test_averaging_weights_against_a_loop():
+    """The weights of a neighbour-averaged start: row i the fluxes of the valid spaxels
+    within the radius, normalised (the LOSVD of a sum of spectra is their flux-weighted mean)."""
+    from kinjax.cube_model import _averaging_weights
+
+    cube, _, _ = make_test_cube(shape=(4, 5))
+    cube = dataclasses.replace(cube, flux=cube.flux * np.linspace(1.0, 3.0, cube.n_spaxels)[:, None])
+    w = _averaging_weights(cube, 1.5).toarray()
+    flux = cube.flux.mean(axis=1)
+    for i in range(cube.n_spaxels):
+        near = np.hypot(cube.x - cube.x[i], cube.y - cube.y[i]) <= 1.5 + 1e-9
+        np.testing.assert_allclose(w[i], np.where(near, flux, 0.0) / flux[near].sum(), rtol=1e-12, atol=1e-15)
+
+
+def test_hyperparameters_of_averaged_values():
+    """The hyperparameters' likelihood for neighbour-averaged values: equal to a multivariate
+    normal density computed by scipy on W (A²K + D) Wᵀ + τ² I with ℓ = ℓ_min + e^p₂, and on
+    draws from a GP with known amplitude the fit recovers it, while ignoring the averaging
+    (the values taken as independent with per-spaxel errors) shrinks it."""
+    import scipy.stats
+
+    from kinjax.cube_model import JITTER, _averaging_weights, _dense_kernel, _fit_hyper, _hyper_loss
+
+    cube, _, _ = make_test_cube(shape=(10, 10))
+    xy = np.stack([cube.x, cube.y], 1)
+    w = _averaging_weights(cube, 1.5).toarray()
+    rng = np.random.default_rng(3)
+    err = rng.uniform(6.0, 10.0, cube.n_spaxels)
+    values = rng.normal(size=cube.n_spaxels)
+    p = np.array([0.2, np.log(4.0), np.log(0.5), np.log(1.5)])  # m, ln A, ln(ℓ - ℓ_min), ln τ
+    ell0, amp_scale, ell_min = 3.0, 300.0, 1.5
+    ell = ell_min + np.exp(p[2])  # = 2.0; its prior: LogNormal(ln ℓ0, 1) truncated at ℓ_min, in p₂
+    prior = (-scipy.stats.norm(np.log(ell0), 1.0).logpdf(np.log(ell)) - 0.5 * np.log(2 * np.pi)
+             - np.log(np.exp(p[2]) / ell) + 0.5 * (4.0 / amp_scale) ** 2 - p[1]
+             + 0.5 * (1.5 / np.median(err)) ** 2 - p[3])
+    k = _dense_kernel("matern32", jnp.asarray(xy), 2.0)
+    noise = (w * err**2) @ w.T
+    cov = (w @ (16.0 * (np.asarray(k) + JITTER * np.eye(100))) @ w.T + noise + 2.25 * np.eye(100)
+           + JITTER * np.diag(np.diag(noise)))
+    ref = -scipy.stats.multivariate_normal(np.full(100, 0.2), cov).logpdf(values) - 50.0 * np.log(2 * np.pi)
+    ours = _hyper_loss(jnp.asarray(p), jnp.asarray(values), jnp.asarray(err), jnp.asarray(xy), "matern32", ell0,
+                       amp_scale, jnp.asarray(w), ell_min)
+    assert float(ours) == pytest.approx(ref + prior, rel=1e-10)
+
+    # a field of amplitude 5 and length scale 2 seen through 3 x 3 averages of spaxels with
+    # errors of 8: its averages scatter by far less than 8
+    root = np.linalg.cholesky(25.0 * (np.asarray(_dense_kernel("matern32", jnp.asarray(xy), 2.0)) + 1e-6 * np.eye(100)))
+    err = np.full(100, 8.0)
+    fitted, naive = [], []
+    for _ in range(6):
+        avg = w @ (root @ rng.standard_normal(100) + err * rng.standard_normal(100))
+        a = _fit_hyper(jnp.asarray(avg), jnp.asarray(err), jnp.asarray(xy), "matern32", ell0, amp_scale,
+                       jnp.asarray(w), ell_min)[1]
+        b = _fit_hyper(jnp.asarray(avg), jnp.asarray(err), jnp.asarray(xy), "matern32", ell0, amp_scale)[1]
+        fitted.append(float(a))
+        naive.append(float(b))
+    assert 3.5 < np.median(fitted) < 7.5  # 5.8 here
+    assert np.median(naive) < np.median(fitted)  # 4.7 here
+
+
+def test_hyper_design_caps_the_spaxels_averaged():
+    from kinjax.cube_model import _averaging_weights, _hyper_design
+
+    cube, _, _ = make_test_cube(shape=(10, 10))
+    w = _averaging_weights(cube, 1.5)
+    for cap in (40, 600):
+        rows, cols, dense = _hyper_design(w, 100, cap, seed=0)
+        assert cols.size <= cap and rows.size >= 4 and dense.shape == (rows.size, cols.size)
+        np.testing.assert_allclose(dense.sum(axis=1), 1.0)
+        np.testing.assert_allclose(dense, w.toarray()[rows][:, cols])  # whole neighbourhoods, nothing cut
+        if cap >= 100:  # all rows when the cap allows
+            assert rows.size == 100 and cols.size == 100
+    rows, cols, dense = _hyper_design(None, 100, 40, seed=0)
+    assert dense is None and rows.size == 40 and np.array_equal(rows, cols)
 
 
 def test_likelihood_only_divides_out_the_h_prior():
