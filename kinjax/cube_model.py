@@ -673,8 +673,9 @@ def fit_cube_gp(cube, templates, *, losvd="gh", moments=4, degree=4, mdegree=0, 
         the start's errors scaled to one spaxel) instead of the cube itself. For families
         whose single-spaxel fits are unstable at low S/N: the two-Gaussian fits of a
         counter-rotating S/N-20 mock started this way reached a mean-velocity /
-        dispersion RMSE of 5.8 / 7.0 km/s (7.9 / 6.5 before the mean form of the fields
-        above), started from their own spaxel fits 27 / 29 km/s (benchmarks/CUBE_RESULTS.md).
+        dispersion RMSE of 6.6 / 9.1 km/s (coverage 0.73 / 0.67), started from their own
+        spaxel fits 27 / 29 km/s (benchmarks/CUBE_RESULTS.md). The hyperparameters then
+        treat the start's values as averages of the fields (:func:`_hyper_loss`).
     devices : None, "all", int or sequence of jax devices
         Split the spectra over these devices (:func:`kinjax.sharding.spectra_mesh`): the
         start's spaxel fits, the χ² of every objective evaluation and its gradient, and
