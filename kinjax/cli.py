@@ -366,7 +366,7 @@ def _build_parser() -> argparse.ArgumentParser:
                          "matern32 otherwise; see fit_cube_gp)")
     fc.add_argument("--start-radius", type=float, default=None, metavar="R",
                     help="--spatial gp: start from spaxel fits of the cube averaged within R spaxels "
-                         "(e.g. 1.5 for --losvd gauss2 at low S/N; see fit_cube_gp)")
+                         "(default 1.5 for --losvd gauss2, 0 = the cube itself otherwise; see fit_cube_gp)")
     fc.add_argument("--float32", action="store_true",
                      help="single precision (faster on most GPUs; default double)")
     fc.add_argument("--devices", default=None, metavar="N|all",

@@ -670,7 +670,8 @@ def fit_cube_gp(cube, templates, *, losvd="gh", moments=4, degree=4, mdegree=0, 
     start_radius : float, optional
         Without ``init``: fit the spaxel-by-spaxel start on the cube averaged over the
         spaxels within this many spaxel spacings (:meth:`kinjax.cube.Cube.neighbour_mean`;
-        the start's errors scaled to one spaxel) instead of the cube itself. For families
+        the start's errors scaled to one spaxel) instead of the cube itself (0: the cube
+        itself). Default: 1.5 for the two Gaussians, 0 otherwise. For families
         whose single-spaxel fits are unstable at low S/N: the two-Gaussian fits of a
         counter-rotating S/N-20 mock started this way reached a mean-velocity /
         dispersion RMSE of 6.6 / 9.1 km/s (coverage 0.73 / 0.67), started from their own
@@ -706,6 +707,8 @@ def fit_cube_gp(cube, templates, *, losvd="gh", moments=4, degree=4, mdegree=0, 
         settings = dict(losvd=losvd, moments=moments, degree=degree, mdegree=mdegree, velscale_ratio=velscale_ratio,
                         vmax=vmax, snr_min=snr_min, progress=progress, seed=seed, mask_emission=mask_emission,
                         devices=devices)
+        if start_radius is None:  # the family's default
+            start_radius = 1.5 if losvd == "gauss2" else 0.0
         if start_radius:
             init = _smoothed_start(cube, templates, float(start_radius), settings)
         else:
@@ -958,7 +961,8 @@ def fit_cube_gp(cube, templates, *, losvd="gh", moments=4, degree=4, mdegree=0, 
     info = dict(
         hyper={nm: dict(mean=float(means[j]), amplitude=float(amps[j]), scale=float(scales[j]))
                for j, nm in enumerate(names)},
-        kernel=kernel, kronecker=geo["grid"] is not None, dense=geo["dense"], n_nodes=int(n_nodes),
+        kernel=kernel, start_radius=(init.info or {}).get("start_radius"),
+        kronecker=geo["grid"] is not None, dense=geo["dense"], n_nodes=int(n_nodes),
         joint_laplace=bool(joint),
         rotation_curve=None if rotation is None else {f: float(v) for f, v in rotation.curve._asdict().items()},
         hyper_inflation={nm: float(np.median(np.sqrt(inflation[:, j]))) for j, nm in enumerate(names)},

@@ -454,9 +454,10 @@ def test_two_gaussian_gp_fit_of_counter_rotating_discs(counter_rotating):
 
     # the mean velocity's field with a constant mean, and with a rotation-curve mean (here
     # 3.5 / 3.3 km/s too)
-    for v_mean in ("constant", "rotation"):
-        gp = fit_cube_gp(cube, lib, losvd="gauss2", start_radius=1.5, progress=False, mask_emission=False,
+    for v_mean, radius in (("constant", None), ("rotation", 1.5)):  # None: the family's default, 1.5
+        gp = fit_cube_gp(cube, lib, losvd="gauss2", start_radius=radius, progress=False, mask_emission=False,
                          v_mean=v_mean)
+        assert gp.info["start_radius"] == 1.5 and gp.info["kernel"] == "matern12"
         assert gp.method == "gp-map" and gp.fitted.all() and gp.names == ("v1", "sigma1", "v2", "sigma2", "f1")
         assert tuple(gp.info["hyper"]) == ("v", "dv", "ln_sigma1", "ln_sigma2", "logit_f1")
         assert (gp.info["rotation_curve"] is None) == (v_mean == "constant")
