@@ -383,7 +383,7 @@ def _hyper_loss(p, values, errors, xy, kind, ell0, amp_scale, weights=None, ell_
 
     With ``weights`` W (n_values, n_xy) the values are averages ``W θ`` of the field θ at
     ``xy`` (fits of a neighbour-averaged cube) with per-spaxel errors ``errors`` (n_xy,),
-    plus an independent scatter τ of their own, and p = (m, ln A, ln ℓ, ln τ):
+    plus an independent scatter τ of their own, and p = (m, ln A, ln(ℓ − ℓ_min), ln τ):
     N(values | m, W (A²(K₀+jI) + diag(err²)) Wᵀ + τ² I), τ ~ HalfNormal(median error).
     The τ term is the fits' departure from linear averages of the field: without it the
     likelihood explained the start values' components along the averaging's near-null
@@ -393,16 +393,15 @@ def _hyper_loss(p, values, errors, xy, kind, ell0, amp_scale, weights=None, ell_
     """
     m, log_a, log_l = p[:3]
     a, ell = jnp.exp(log_a), ell_min + jnp.exp(log_l)
+    prior_cov = _dense_kernel(kind, xy, ell) + JITTER * jnp.eye(errors.size, dtype=values.dtype)
     if weights is None:
-        eye = jnp.eye(values.size, dtype=values.dtype)
-        cov = a**2 * (_dense_kernel(kind, xy, ell) + JITTER * eye) + jnp.diag(errors**2)
+        cov = a**2 * prior_cov + jnp.diag(errors**2)
         extra = 0.0
     else:
         tau, tau_scale = jnp.exp(p[3]), jnp.median(errors)
-        eye = jnp.eye(values.size, dtype=values.dtype)
         noise = (weights * errors**2) @ weights.T
-        signal = weights @ (_dense_kernel(kind, xy, ell) + JITTER * jnp.eye(errors.size, dtype=values.dtype)) @ weights.T
-        cov = a**2 * signal + noise + tau**2 * eye + JITTER * jnp.diag(jnp.diagonal(noise))
+        cov = (a**2 * (weights @ prior_cov @ weights.T) + noise + tau**2 * jnp.eye(values.size, dtype=values.dtype)
+               + JITTER * jnp.diag(jnp.diagonal(noise)))
         extra = 0.5 * (tau / tau_scale) ** 2 - p[3]
     lu = jax.scipy.linalg.lu_factor(cov)  # LU: float64 Cholesky is slow on XLA:CPU
     r = values - m
