@@ -214,6 +214,28 @@ class LosvdSpec:
         xp = jnp if isinstance(theta, jax.Array) else np
         return theta - xp.mean(theta, axis=-1, keepdims=True)
 
+    def on_bounds(self, theta, rtol: float = 1e-3) -> tuple[str, ...]:
+        """Names of the kinematic parameters that ``theta`` (n_params,) puts on a bound.
+
+        "On a bound": within ``rtol`` of the interval's width (for σ, of the width in
+        ln σ) of its lower or upper end, where a Laplace covariance, which assumes an
+        interior optimum, is not valid. Checked: every Gauss–Hermite and two-Gaussian
+        parameter, the Sanders–Evans V and σ (its shape parameters are left out: a
+        noisy spectrum's MAP routinely sits at σ_K's lower bound, the Gaussian-like
+        kernel), no histogram logit.
+        """
+        if self.family == "hist":
+            return ()
+        theta = np.asarray(theta, float)[: self.n_params]
+        lo, hi = np.asarray(self.lower, float), np.asarray(self.upper, float)
+        logs = self.log_scale & (lo > 0)
+        t, lo, hi = (np.where(logs, np.log(np.where(logs, a, 1.0)), a) for a in (theta, lo, hi))
+        tol = rtol * (hi - lo)
+        hit = (t <= lo + tol) | (t >= hi - tol)
+        if self.family == "se":
+            hit[2:] = False
+        return tuple(n for n, h in zip(self.names, hit) if h)
+
     @property
     def n_components(self) -> int:
         """Kinematic components, each with its own template mix (two Gaussians: 2)."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 
 import jax
@@ -298,7 +299,10 @@ def fit_spectrum(
         linear = np.asarray(sol.linear)
         dof = n_good - int(sol.n_active) - len(names)
         chi2 = float(sol.chi2)
-        diagnostics = {"n_iter": int(sol.n_iter), "n_active": int(sol.n_active)}
+        at_bound = spec.on_bounds(theta_map[:k])
+        diagnostics = {"n_iter": int(sol.n_iter), "n_active": int(sol.n_active), "at_bound": list(at_bound)}
+        if at_bound:
+            warnings.warn(_bound_message(spec, theta_map[:k], at_bound), stacklevel=2)
     else:
         samples, diagnostics = _run_nuts(setup, sol, names, num_warmup, num_samples, num_chains, seed, progress)
         best = np.median(samples.reshape(-1, len(names)), axis=0)
@@ -344,6 +348,15 @@ def fit_spectrum(
         seconds=seconds,
         diagnostics=diagnostics,
     )
+
+
+def _bound_message(spec: LosvdSpec, theta, at_bound) -> str:
+    """One-line warning for a MAP with parameters on their bounds."""
+    where = ", ".join(f"{n} = {theta[spec.names.index(n)]:.4g}" for n in at_bound)
+    return (f"the MAP has {where} on the bound of its range: the Laplace errors assume an interior optimum and "
+            "are not valid there (those of the correlated parameters, V's included, come out too small). "
+            "Typical at low S/N or for a line narrower than the instrument; use method='nuts' (kinjax fit "
+            "--method nuts) for intervals that stay valid, or fit fewer moments")
 
 
 def _split(fm, spec, theta):

@@ -113,6 +113,36 @@ def test_whitened_log_posterior_equals_numpyro_density(setup):
     np.testing.assert_allclose(np.diff(ours), np.diff(theirs), rtol=1e-9)
 
 
+def test_on_bounds_names_the_kinematic_parameters_at_their_limits():
+    from kinjax.family import losvd_spec
+
+    gh = losvd_spec("gh", moments=4)  # V in [-2000, 2000], σ in [5, 1000], h in [-0.3, 0.3]
+    assert gh.on_bounds([100.0, 150.0, 0.05, -0.02]) == ()
+    assert gh.on_bounds([100.0, 5.0, 0.05, -0.02]) == ("sigma",)
+    # σ is judged in ln σ: 5.001 is 2e-4 of ln(1000/5) from the bound, 6 km/s is 0.034
+    assert gh.on_bounds([100.0, 5.001, 0.0, 0.0]) == ("sigma",)
+    assert gh.on_bounds([100.0, 6.0, 0.0, 0.0]) == ()
+    assert gh.on_bounds([-2000.0, 150.0, 0.0, 0.3]) == ("v", "h4")
+    se = losvd_spec("se")
+    at_kernel_bound = np.array([10.0, 120.0, 0.01, 0.0, 0.0])  # σ_K on its lower end: not flagged
+    assert se.on_bounds(at_kernel_bound) == ()
+    assert se.on_bounds(at_kernel_bound * [1, 0, 1, 1, 1] + [0, 1000.0, 0, 0, 0]) == ("sigma",)
+    assert losvd_spec("hist", velscale=60.0).on_bounds(np.full(35, 30.0)) == ()
+
+
+def test_map_on_a_bound_warns_and_says_so(setup, map_result):
+    """An unresolved line (σ = 2 km/s against an instrumental 107) pins σ at 5 km/s."""
+    import dataclasses
+
+    assert map_result.diagnostics["at_bound"] == []  # NGC 4550: an interior optimum
+    y, noise = _mock(setup, GaussHermite(80.0, 2.0, jnp.zeros(2)), 50.0, 4)
+    spectrum = dataclasses.replace(setup.spectrum.with_noise(np.full(y.size, noise)), flux=y)
+    with pytest.warns(UserWarning, match="sigma = 5 on the bound"):
+        r = fit_spectrum(None, setup=dataclasses.replace(setup, spectrum=spectrum), method="map")
+    assert r.diagnostics["at_bound"] == ["sigma"]
+    assert r.summary()["diagnostics"]["at_bound"] == ["sigma"]
+
+
 def test_nuts_has_no_divergences_on_a_narrow_low_sn_line(setup):
     """σ near the pixel size at S/N 30: the posterior runs to small σ and large abs(h).
 
