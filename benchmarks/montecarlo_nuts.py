@@ -17,8 +17,9 @@ min-ESS, max R-hat, divergences and time per spectrum.
 from the fit's own Normal(0, 0.1) prior, a check of calibration against the prior.
 
 Run: ``python benchmarks/montecarlo_nuts.py [n_per_sn] [--with-sn10]`` (default 50 per S/N at
-S/N 30 and 100: 100 posteriors, about 15 min on 2 cores; S/N 10 is skipped unless asked: its
-posteriors are slow, 14 of 50 took 16 min in one run, one of them 405 s).
+S/N 30 and 100: 100 posteriors, about 15 min on 2 cores; S/N 10 is skipped unless asked).
+``--sn10 [--from S]`` fits ``n`` of the S/N-10 mocks of the MAP Monte Carlo's record instead
+(12 s per posterior here since session 18; see :func:`sn10_cells`).
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def fit_cell(setup, run, ys, w, truths, sn, key_base, names=GH_NAMES):
 
     fm, spec = setup.forward, setup.spec
     n = len(ys)
-    med, lo, hi, laplace, ess, rhat, div, times = [], [], [], [], [], [], [], []
+    med, lo, hi, laplace, ess, rhat, div, times, at_bound = [], [], [], [], [], [], [], [], []
     for i, y in enumerate(ys):
         y = jnp.asarray(y)
         t0 = time.perf_counter()
@@ -71,6 +72,7 @@ def fit_cell(setup, run, ys, w, truths, sn, key_base, names=GH_NAMES):
         q = np.percentile(flat, [15.865, 50.0, 84.135], axis=0)
         lo.append(q[0]), med.append(q[1]), hi.append(q[2])
         laplace.append([np.asarray(sol.theta)[:k], np.sqrt(np.diag(np.asarray(sol.cov)))[:k]])
+        at_bound.append(list(setup.spec.on_bounds(np.asarray(sol.theta))))
         ds = az.convert_to_dataset({nm: draws[..., j] for j, nm in enumerate(names)})
         ess.append(min(float(az.ess(ds)[nm]) for nm in names))
         rhat.append(max(float(az.rhat(ds)[nm]) for nm in names))
@@ -89,7 +91,8 @@ def fit_cell(setup, run, ys, w, truths, sn, key_base, names=GH_NAMES):
             # per mock, for diagnosing where intervals miss: truth, 16/50/84 %, divergences
             "per_mock": {"truth": truths[:, :k].tolist(), "lo": lo.tolist(), "median": med.tolist(),
                          "hi": hi.tolist(), "divergences": div, "min_ess": ess, "max_rhat": rhat,
-                         "seconds": times}}
+                         "seconds": times, "laplace_theta": lap_theta.tolist(), "laplace_err": lap_err.tolist(),
+                         "map_at_bound": at_bound}}
     return cell
 
 
@@ -182,10 +185,52 @@ def se_cells(n_fit=50, n_gh=200, n_se=100, start=0):
               f"ESS {cell['min_ess_median']:.0f}, {cell['seconds_median']:.1f} s/fit", flush=True)
 
 
+def sn10_cells(n_fit=50, start=0, n_gh=200):
+    """NUTS posteriors for the S/N-10 Gauss-Hermite mocks of the recorded MAP Monte Carlo.
+
+    Replays the draws of ``montecarlo.py 200 100`` (its S/N-10 Gauss-Hermite cell comes
+    first), so these are the mocks on which every MAP and pPXF fit failed the coverage
+    target (Laplace V coverage 0.55), and fits mocks ``start … start + n_fit − 1`` with the
+    default NUTS scheme (per-mock keys independent of the chunking). Each run is stored as
+    one chunk of ``sn10`` in the recorded JSON (chunks with the same ``first_mock`` are
+    replaced, the others kept), and the page pools the chunks.
+
+    Why in chunks: at S/N 10 a posterior takes 8-40 s here (broad, skewed, sometimes two
+    modes), so 200 of them are about an hour.
+    """
+    import json
+
+    path = Path(__file__).resolve().parent / "results" / "montecarlo_nuts.json"
+    out = json.loads(path.read_text())
+    rng = np.random.default_rng(2024)
+    setup = setup_fit(ngc4550(), noise=0.0047, h_prior=0.1)
+    fm, spec = setup.forward, setup.spec
+    run = make_nuts_program(spec, spec.n_params + fm.mdegree, NUM_WARMUP, NUM_SAMPLES, NUM_CHAINS)
+    truths = draw_truths(rng, n_gh, "gh")
+    ys, sigma = make_mocks(fm, truths, "gh", 10, rng)
+    w = jnp.asarray(np.where(np.asarray(setup.spectrum.mask), 1.0 / sigma, 0.0))
+    pick = slice(start, start + n_fit)
+    t0 = time.perf_counter()
+    cell = fit_cell(setup, run, ys[pick], w, truths[pick], 10, 10000 + start)
+    cell["machine"] = machine()
+    cell["first_mock"] = start
+    cell["total_s"] = time.perf_counter() - t0
+    chunks = [c for c in out.get("sn10", []) if c["first_mock"] != start]
+    out["sn10"] = sorted([*chunks, cell], key=lambda c: c["first_mock"])
+    write("montecarlo_nuts", out)
+    print("S/N 10 mocks", start, "-", start + n_fit - 1, "posterior coverage", np.round(cell["posterior"]["coverage"], 2),
+          "laplace", np.round(cell["laplace"]["coverage"], 2),
+          f"ESS {cell['min_ess_median']:.0f}, {cell['seconds_median']:.1f} s/fit", flush=True)
+
+
 def main():
     argv = sys.argv[1:]
     args = [a for i, a in enumerate(argv) if not a.startswith("--") and (i == 0 or argv[i - 1] != "--from")]
     n = int(args[0]) if args else 50
+    start = int(sys.argv[sys.argv.index("--from") + 1]) if "--from" in sys.argv else 0
+    if "--sn10" in sys.argv:
+        sn10_cells(n, start=start)
+        return
     if "--prior-truths" in sys.argv:
         prior_truths(n)
         return
@@ -193,13 +238,10 @@ def main():
         prior_truths(n, h_from_prior=False)
         return
     if "--se" in sys.argv:
-        start = int(sys.argv[sys.argv.index("--from") + 1]) if "--from" in sys.argv else 0
         se_cells(int(args[0]) if args else 50, start=start)
         return
-    # S/N 10 is skipped by default: its posteriors are broad and multimodal, and 14 of 50
-    # NUTS fits took 16 minutes (one of them 405 s; all methods fail at
-    # S/N 10 anyway, see montecarlo.py); its mocks are still drawn, so that the others
-    # match montecarlo.py's
+    # S/N 10 is skipped by default (its record is --sn10, on the MAP record's mocks); its
+    # mocks are still drawn, so that the others match montecarlo.py's
     fit_sns = (10, 30, 100) if "--with-sn10" in sys.argv else (30, 100)
     t_start = time.perf_counter()
     rng = np.random.default_rng(2024)  # montecarlo.py's seed: its GH cells come first, in this order
@@ -242,6 +284,34 @@ def _estimate_table(cells, names):
                   "68 % coverage", "targets"], rows)
 
 
+def _sn10_markdown(chunks):
+    """The S/N-10 section: posterior and Laplace rows pooled over the chunks, split by
+    whether the MAP sat on a bound (``FitResult.diagnostics["at_bound"]``, the warning)."""
+    pm = {key: np.concatenate([np.asarray(c["per_mock"][key], float) for c in chunks])
+          for key in ("truth", "lo", "median", "hi", "laplace_theta", "laplace_err")}
+    bound = np.array([bool(b) for c in chunks for b in c["per_mock"]["map_at_bound"]])
+    rows = []
+    for label, pick in (("all", np.ones(bound.size, bool)), ("MAP on a bound", bound), ("MAP inside", ~bound)):
+        if not pick.any():
+            continue
+        post = stats(pm["median"][pick], 0.5 * (pm["hi"] - pm["lo"])[pick], pm["truth"][pick])
+        post["coverage"] = ((pm["truth"] >= pm["lo"]) & (pm["truth"] <= pm["hi"]))[pick].mean(0).tolist()
+        rows.append([10, f"NUTS posterior, {label}", *stats_cells(post)])
+        rows.append([10, f"MAP + Laplace, {label}",
+                     *stats_cells(stats(pm["laplace_theta"][pick], pm["laplace_err"][pick], pm["truth"][pick]))])
+    what = " / ".join(GH_NAMES)
+    t = table(["S/N", "estimate (mocks)", "N", f"bias ({what})", f"scatter ({what})", "abs bias / scatter",
+               "68 % coverage", "targets"], rows)
+    first, last = chunks[0]["first_mock"], chunks[-1]["first_mock"] + chunks[-1]["N"]
+    diag = "; ".join(f"mocks {c['first_mock'] + 1}–{c['first_mock'] + c['N']}: min-ESS median {c['min_ess_median']:.0f} "
+                     f"(min {c['min_ess_min']:.0f}), max R-hat {c['rhat_max']:.3f}, {c['divergences_total']} divergences "
+                     f"in {c['mocks_with_divergences']} mocks, {c['seconds_median']:.1f} s per spectrum (MAP + NUTS), "
+                     f"total {c['total_s'] / 60:.1f} min, {machine_line(c['machine'])}" for c in chunks)
+    return (f"**S/N 10** (`--sn10`: mocks {first + 1}–{last} of the S/N-10 Gauss–Hermite cell of `montecarlo.py 200 100`, "
+            f"the MAP Monte Carlo's record, fitted with the default NUTS scheme; \"on a bound\": the MAP's "
+            f"`diagnostics['at_bound']` is not empty, which `fit_spectrum` warns about): {diag}.\n\n{t}")
+
+
 def markdown(out):
     t1 = _estimate_table(out["cells"], GH_NAMES)
     rows = [[c["sn"], f"{c['min_ess_median']:.0f} (min {c['min_ess_min']:.0f})", f"{c['rhat_max']:.3f}",
@@ -260,6 +330,9 @@ def markdown(out):
                      f"{c['rhat_max']:.3f}, {c['divergences_total']} divergences, {c['seconds_median']:.1f} s per "
                      f"spectrum; {machine_line(c['machine'])}; total {c['total_s'] / 60:.1f} min.\n\n"
                      f"{_estimate_table([c], GH_NAMES)}")
+    chunks = out.get("sn10")
+    if chunks:  # python benchmarks/montecarlo_nuts.py 50 --sn10 [--from S]
+        text += "\n\n" + _sn10_markdown(chunks)
     cells = out.get("se_cells")
     if cells:  # python benchmarks/montecarlo_nuts.py --se
         t4 = _estimate_table(cells, SE_NAMES)
