@@ -322,13 +322,22 @@ def _estimate_table(cells, names):
                   "68 % coverage", "targets"], rows)
 
 
+def _pool(cells, keys=("truth", "lo", "median", "hi", "laplace_theta", "laplace_err")):
+    """The per-mock arrays ``keys`` of several result cells, concatenated."""
+    return {key: np.concatenate([np.asarray(c["per_mock"][key], float) for c in cells]) for key in keys}
+
+
+def _posterior_stats(pm, pick=slice(None)):
+    """Bias, scatter and coverage of the 16-84 % intervals in pooled arrays (``pick``: a subset)."""
+    post = stats(pm["median"][pick], 0.5 * (pm["hi"] - pm["lo"])[pick], pm["truth"][pick])
+    post["coverage"] = ((pm["truth"] >= pm["lo"]) & (pm["truth"] <= pm["hi"]))[pick].mean(0).tolist()
+    return post
+
+
 def _pooled_prior_sn10(first, more):
     """Rows of the S/N-10 prior-truth cells pooled (posterior and Laplace)."""
-    pm = {key: np.concatenate([np.asarray(c["per_mock"][key], float) for c in (first, more)])
-          for key in ("truth", "lo", "median", "hi", "laplace_theta", "laplace_err")}
-    post = stats(pm["median"], 0.5 * (pm["hi"] - pm["lo"]), pm["truth"])
-    post["coverage"] = ((pm["truth"] >= pm["lo"]) & (pm["truth"] <= pm["hi"])).mean(0).tolist()
-    rows = [[10, "NUTS posterior, pooled", *stats_cells(post)],
+    pm = _pool((first, more))
+    rows = [[10, "NUTS posterior, pooled", *stats_cells(_posterior_stats(pm))],
             [10, "MAP + Laplace, pooled", *stats_cells(stats(pm["laplace_theta"], pm["laplace_err"], pm["truth"]))],
             [10, "NUTS posterior, second seed only", *stats_cells(more["posterior"])]]
     what = " / ".join(GH_NAMES)
@@ -344,16 +353,13 @@ def _pooled_prior_sn10(first, more):
 def _sn10_markdown(chunks):
     """The S/N-10 section: posterior and Laplace rows pooled over the chunks, split by
     whether the MAP sat on a bound (``FitResult.diagnostics["at_bound"]``, the warning)."""
-    pm = {key: np.concatenate([np.asarray(c["per_mock"][key], float) for c in chunks])
-          for key in ("truth", "lo", "median", "hi", "laplace_theta", "laplace_err")}
+    pm = _pool(chunks)
     bound = np.array([bool(b) for c in chunks for b in c["per_mock"]["map_at_bound"]])
     rows = []
     for label, pick in (("all", np.ones(bound.size, bool)), ("MAP on a bound", bound), ("MAP inside", ~bound)):
         if not pick.any():
             continue
-        post = stats(pm["median"][pick], 0.5 * (pm["hi"] - pm["lo"])[pick], pm["truth"][pick])
-        post["coverage"] = ((pm["truth"] >= pm["lo"]) & (pm["truth"] <= pm["hi"]))[pick].mean(0).tolist()
-        rows.append([10, f"NUTS posterior, {label}", *stats_cells(post)])
+        rows.append([10, f"NUTS posterior, {label}", *stats_cells(_posterior_stats(pm, pick))])
         rows.append([10, f"MAP + Laplace, {label}",
                      *stats_cells(stats(pm["laplace_theta"][pick], pm["laplace_err"][pick], pm["truth"][pick]))])
     what = " / ".join(GH_NAMES)
@@ -413,11 +419,8 @@ def markdown(out):
             b = next((c for c in more if c["sn"] == a["sn"]), None)
             if b is None:
                 continue
-            pm = {key: np.concatenate([np.asarray(a["per_mock"][key]), np.asarray(b["per_mock"][key])])
-                  for key in ("truth", "lo", "median", "hi")}
-            post = stats(pm["median"], 0.5 * (pm["hi"] - pm["lo"]), pm["truth"])
-            post["coverage"] = ((pm["truth"] >= pm["lo"]) & (pm["truth"] <= pm["hi"])).mean(0).tolist()
-            rows.append([a["sn"], "NUTS posterior, pooled", *stats_cells(post)])
+            pm = _pool((a, b), ("truth", "lo", "median", "hi"))
+            rows.append([a["sn"], "NUTS posterior, pooled", *stats_cells(_posterior_stats(pm))])
             rows.append([b["sn"], f"NUTS posterior, mocks {b['first_mock'] + 1}–{b['first_mock'] + b['N']} only",
                          *stats_cells(b["posterior"])])
         diag = "; ".join(f"S/N {c['sn']}: min-ESS median {c['min_ess_median']:.0f} (min {c['min_ess_min']:.0f}), "
