@@ -307,7 +307,8 @@ def _build_parser() -> argparse.ArgumentParser:
                     "relative to --redshift (V = c ln(1+z)); emission lines are masked.",
     )
     fit.add_argument("target", metavar="SPECTRUM",
-                     help="1D FITS spectrum (a linear-wavelength image or an SDSS spec-*.fits table), or 'ngc4550'")
+                     help="1D FITS spectrum (an image with a linear or log wavelength axis, an SDSS spec-*.fits "
+                          "or an ESO-style WAVE/FLUX/ERR table), or 'ngc4550'")
     fit.add_argument("--redshift", type=float, default=None, help="systemic redshift z (default 0)")
     fit.add_argument("--fwhm", type=float, default=None, help="instrumental FWHM in Å")
     fit.add_argument("--noise", type=float, default=None, help="constant 1σ noise per log-rebinned pixel")

@@ -529,8 +529,8 @@ def detect_format(hdul) -> str:
     -------
     str
         "muse" (DATA + STAT images), "manga" (FLUX + IVAR + WAVE), "atlas3d" (a binary
-        table with DATA_SPE) or "spectrum" (not a cube: a 1D primary image, or an
-        SDSS-style table with ``flux`` and ``loglam`` / ``wavelength``).
+        table with DATA_SPE) or "spectrum" (not a cube: what
+        :func:`kinjax.spectrum.is_spectrum_file` accepts, a 1D image or a spectrum table).
 
     Raises
     ------
@@ -552,12 +552,10 @@ def detect_format(hdul) -> str:
         cols = getattr(h, "columns", None)
         if cols is not None and "DATA_SPE" in [c.upper() for c in cols.names]:
             return "atlas3d"
-    if hdul[0].header.get("NAXIS", 0) == 1 and len(hdul) >= 1 and hdul[0].data is not None:
-        return "spectrum"
-    from kinjax.spectrum import _sdss_table
+    from kinjax.spectrum import is_spectrum_file
 
-    if hdul[0].data is None and _sdss_table(hdul) is not None:
-        return "spectrum"  # an SDSS-style table (kinjax.spectrum.read_sdss_spectrum)
+    if is_spectrum_file(hdul):
+        return "spectrum"  # a 1D image, an SDSS table or a spectrum table (kinjax.spectrum.read_spectrum)
     raise KinjaxError(_UNRECOGNISED.format(name=label))
 
 

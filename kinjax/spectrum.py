@@ -1,4 +1,4 @@
-"""The ``Spectrum`` container, a 1D FITS reader and emission-line masks."""
+"""The ``Spectrum`` container, 1D FITS readers and emission-line masks."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ __all__ = [
     "Spectrum",
     "read_spectrum",
     "read_sdss_spectrum",
+    "read_table_spectrum",
+    "is_spectrum_file",
     "emission_line_mask",
     "EMISSION_LINES",
     "EMISSION_LINES_EXTENDED",
@@ -340,29 +342,107 @@ def emission_line_mask(wave, redshift=0.0, width=800.0, lines=None, *, template_
 _SIGMA_EXT = ("NOISE", "ERROR", "ERR", "SIGMA")
 _VAR_EXT = ("VAR", "VARIANCE", "STAT")
 _IVAR_EXT = ("IVAR",)
-_UNIT_TO_ANGSTROM = {"": 1.0, "angstrom": 1.0, "angstroms": 1.0, "a": 1.0, "nm": 10.0,
-                     "um": 1e4, "micron": 1e4}
+_FLUX_EXT = ("DATA", "FLUX", "SCI", "SPECTRUM")
+# CTYPE1 values of axes that are not wavelength (IRAF multispec, pixels, frequency, velocity, ...)
+_NOT_WAVELENGTH = ("MULTISPE", "PIXEL", "FREQ", "ENER", "WAVN", "VRAD", "VOPT", "ZOPT", "VELO", "BETA")
 
 
-def _linear_wave(header, n, path):
-    """Linear wavelength axis (Å) from CRVAL1, CDELT1 or CD1_1, CRPIX1 (default 1)."""
+def _angstrom_per_unit(unit, what):
+    """Å per unit of a FITS unit string (CUNIT1 or TUNITn); blank means Å."""
+    key = str(unit or "").strip()
+    if key.lower() in ("", "a", "angstrom", "angstroms", "angstrom(s)"):
+        return 1.0  # astropy reads a bare "A" as ampere
+    from astropy import units as u
+
+    try:
+        return float(u.Unit(key, format="fits", parse_strict="raise").to(u.AA))
+    except (ValueError, u.UnitConversionError):
+        try:
+            return float(u.Unit(key, parse_strict="raise").to(u.AA))
+        except (ValueError, u.UnitConversionError):
+            raise KinjaxError(f"{what}: unknown wavelength unit {key!r}; expected Angstrom, nm, um or m") from None
+
+
+def _wave_axis(header, n, path):
+    """Pixel-centre wavelengths (Å) of a 1D image, and its velscale if log-sampled.
+
+    Three conventions, with p = 1..n and x = p − CRPIX1 (CRPIX1 default 1):
+
+    * linear: λ = CRVAL1 + x · CDELT1 (or CD1_1), in CUNIT1 (default Å);
+    * FITS WCS logarithmic, CTYPE1 ``WAVE-LOG`` / ``AWAV-LOG`` (Greisen et al. 2006,
+      A&A 446, 747, eq. 5): λ = CRVAL1 · exp(x · CDELT1 / CRVAL1), in CUNIT1;
+    * IRAF log-linear, DC-FLAG = 1: λ = 10^(CRVAL1 + x · CDELT1) Å.
+
+    Returns
+    -------
+    (ndarray, float or None)
+        Wavelengths (n,) in Å; velscale (km/s per pixel) for the two log axes, else None.
+    """
     if "CRVAL1" not in header:
         raise KinjaxError(f"{path} has no CRVAL1 keyword; cannot build the wavelength axis")
     step = header.get("CDELT1", header.get("CD1_1"))
     if step is None:
         raise KinjaxError(f"{path} has neither CDELT1 nor CD1_1; cannot build the wavelength axis")
-    ctype = str(header.get("CTYPE1", "")).upper()
-    if "LOG" in ctype or header.get("DC-FLAG", 0) == 1:
-        raise KinjaxError(
-            f"{path} has a logarithmic wavelength axis; only linear axes are read, "
-            "build the Spectrum from arrays instead"
-        )
-    unit = str(header.get("CUNIT1", "")).strip().lower()
-    if unit not in _UNIT_TO_ANGSTROM:
-        raise KinjaxError(f"{path}: unknown wavelength unit CUNIT1={unit!r}; expected Angstrom or nm")
-    pix = np.arange(1, n + 1, dtype=np.float64)
-    wave = header["CRVAL1"] + (pix - header.get("CRPIX1", 1.0)) * step
-    return wave * _UNIT_TO_ANGSTROM[unit]
+    crval, step = float(header["CRVAL1"]), float(step)
+    x = np.arange(1, n + 1, dtype=np.float64) - float(header.get("CRPIX1", 1.0))
+    ctype = str(header.get("CTYPE1", "")).strip().upper()
+    if header.get("DC-FLAG", 0) == 1:
+        if not (step > 0 and 0 < crval < 10):
+            raise KinjaxError(f"{path}: DC-FLAG = 1 (log10 λ axis) but CRVAL1 = {crval:g}, CDELT1 = {step:g} "
+                              "are not log10(Å) with a positive step")
+        return 10.0 ** (crval + x * step), C_KMS * np.log(10.0) * step
+    scale = _angstrom_per_unit(header.get("CUNIT1", ""), path)
+    if ctype.endswith("-LOG"):
+        if not (step > 0 and crval > 0):
+            raise KinjaxError(f"{path}: CTYPE1 = {ctype} needs CRVAL1 > 0 and CDELT1 > 0")
+        return crval * np.exp(x * step / crval) * scale, C_KMS * step / crval
+    if "-" in ctype[4:] or "LOG" in ctype or ctype.startswith(_NOT_WAVELENGTH):
+        raise KinjaxError(f"{path}: CTYPE1 = {ctype!r} is not a wavelength axis kinjax reads (linear, "
+                          "WAVE-LOG / AWAV-LOG or IRAF DC-FLAG = 1); build the Spectrum from arrays instead")
+    return (crval + x * step) * scale, None
+
+
+def _header_fwhm(headers, wave, path):
+    """Instrumental FWHM (Å) from the first header with ``FWHM`` (Å) or, failing that,
+    ``SPEC_RES`` (resolving power R, as in ESO Phase 3 products: FWHM = λ / R)."""
+    for key in ("FWHM", "SPEC_RES"):
+        for h in headers:
+            if key in h:
+                value = float(h[key])
+                if not (np.isfinite(value) and value > 0):
+                    raise KinjaxError(f"{path}: header {key} = {h[key]!r} is not a positive number; pass fwhm=...")
+                return value if key == "FWHM" else wave / value
+    raise KinjaxError(f"{path} gives no instrumental resolution (header FWHM or SPEC_RES); pass fwhm=... (Å, FWHM)")
+
+
+def _image_hdu(hdul):
+    """Index of the HDU that holds a 1D spectrum image: the primary, or else the first
+    1D image extension (DATA, FLUX, SCI or SPECTRUM first, as MPDAF and ESO pipelines name
+    it), or None."""
+    from astropy.io import fits
+
+    if _is_1d(hdul[0]):
+        return 0
+    images = [i for i, h in enumerate(hdul) if i > 0 and isinstance(h, fits.ImageHDU) and _is_1d(h)
+              and h.name.upper() not in _SIGMA_EXT + _VAR_EXT + _IVAR_EXT]
+    images.sort(key=lambda i: hdul[i].name.upper() not in _FLUX_EXT)
+    return images[0] if images else None
+
+
+def _is_1d(hdu) -> bool:
+    """True for an image HDU whose data (read from the header, not loaded) is 1D once
+    length-1 axes are dropped (IRAF writes (1, 1, n))."""
+    shape = getattr(hdu, "shape", ())
+    return bool(shape) and sum(k > 1 for k in shape) == 1
+
+
+def is_spectrum_file(hdul) -> bool:
+    """True if :func:`read_spectrum` reads this open FITS file as one spectrum: a 1D
+    primary image, or an empty primary HDU with an SDSS table, a spectrum table or a 1D
+    image extension."""
+    if hdul[0].header.get("NAXIS", 0) > 0:
+        return _is_1d(hdul[0])
+    return _sdss_table(hdul) is not None or _spectrum_table(hdul) is not None or _image_hdu(hdul) is not None
 
 
 def _sdss_table(hdul):
@@ -373,9 +453,126 @@ def _sdss_table(hdul):
     tables.sort(key=lambda h: h.name.upper() != "COADD")
     for h in tables:
         names = {c.lower() for c in h.columns.names}
-        if "flux" in names and names & {"loglam", "wavelength"}:
+        sdss_columns = {"ivar", "inverse_variance", "and_mask", "or_mask", "wdisp"}
+        if "flux" in names and ("loglam" in names or ("wavelength" in names and names & sdss_columns)):
             return h
     return None
+
+
+# column names of a generic (ESO Phase 3, MPDAF, specutils) spectrum table, lower case
+_TABLE_WAVE = ("wave", "wavelength", "lambda", "lam", "spectral_axis")
+_TABLE_FLUX = ("flux", "flux_reduced", "data")
+_TABLE_SIGMA = ("err", "error", "err_reduced", "noise", "sigma", "uncertainty")
+_TABLE_VAR = ("var", "variance", "stat")
+_TABLE_IVAR = ("ivar", "inverse_variance")
+_TABLE_QUALITY = ("qual", "quality")
+
+
+def _pick(names, candidates):
+    """The first of ``candidates`` (lower case) among ``names`` (lower case → original), or None."""
+    return next((names[c] for c in candidates if c in names), None)
+
+
+def _spectrum_table(hdul):
+    """The first binary table with a wavelength and a flux column (not an SDSS one), or None."""
+    from astropy.io import fits
+
+    for h in hdul[1:]:
+        if isinstance(h, fits.BinTableHDU) and h.data is not None:
+            names = {c.lower(): c for c in h.columns.names}
+            if _pick(names, _TABLE_WAVE) and _pick(names, _TABLE_FLUX):
+                return h
+    return None
+
+
+def _column(table, name, n_rows):
+    """A column as a 1D float array: the cells of a one-row table of arrays (ESO Phase 3),
+    or the column of a one-pixel-per-row table."""
+    data = np.asarray(table.data[name], dtype=np.float64)
+    return data.reshape(-1) if n_rows == 1 else data.squeeze()
+
+
+def read_table_spectrum(path, *, noise=None, fwhm=None, redshift=0.0, name=None) -> Spectrum:
+    """Read a spectrum stored as a FITS binary table (ESO Phase 3 ``SCIENCE.SPECTRUM``,
+    MPDAF or specutils tables, and the like).
+
+    The table is the first binary table with a wavelength column (``WAVE``,
+    ``WAVELENGTH``, ``LAMBDA``, ``LAM``, ``SPECTRAL_AXIS``) and a flux column (``FLUX``,
+    ``FLUX_REDUCED``, ``DATA``); names are matched without regard to case. Either one
+    row holds every column as an array (the ESO layout) or each row is one pixel.
+    Wavelengths are in the column's TUNIT (Å when blank; nm and µm are converted) and
+    are taken to be in air, as the E-MILES templates are (ESO's optical pipelines give
+    air wavelengths; convert a vacuum table with :func:`kinjax.cube.vacuum_to_air`
+    and build the Spectrum from arrays). SDSS tables are read by
+    :func:`read_sdss_spectrum`.
+
+    Parameters
+    ----------
+    path : str or Path
+    noise : float or array_like (n_pix,), optional
+        1σ noise; default from a column ``ERR`` / ``ERROR`` / ``ERR_REDUCED`` / ``NOISE``
+        / ``SIGMA`` / ``UNCERTAINTY`` (σ), ``VAR`` / ``VARIANCE`` / ``STAT`` or ``IVAR``
+        (pixels with variance or ivar ≤ 0 are masked). A ``QUAL`` / ``QUALITY``
+        column masks its non-zero pixels either way.
+    fwhm : float or array_like (n_pix,), optional
+        Instrumental FWHM in Å; default the header keyword ``FWHM`` (Å), else
+        ``SPEC_RES`` (the resolving power R = λ / Δλ of ESO Phase 3: FWHM = λ / R).
+    redshift : float
+        Systemic redshift.
+    name : str, optional
+        Label; default the file stem.
+
+    Returns
+    -------
+    Spectrum
+        ``velscale=None``; call ``.log_rebin()`` before fitting (``setup_fit`` does).
+    """
+    from astropy.io import fits
+
+    path = Path(path)
+    if not path.exists():
+        raise KinjaxError(f"{path} does not exist")
+    with fits.open(path) as hdul:
+        table = _spectrum_table(hdul)
+        if table is None:
+            raise KinjaxError(f"{path} has no spectrum table (a wavelength column such as WAVE and a FLUX column)")
+        names = {c.lower(): c for c in table.columns.names}
+        n_rows = len(table.data)
+        wave_col, flux_col = _pick(names, _TABLE_WAVE), _pick(names, _TABLE_FLUX)
+        scale = _angstrom_per_unit(table.columns[wave_col].unit, f"{path} column {wave_col}")
+        wave = _column(table, wave_col, n_rows) * scale
+        flux = _column(table, flux_col, n_rows)
+        n = wave.size
+        columns = {}
+        for kind, candidates in (("sigma", _TABLE_SIGMA), ("var", _TABLE_VAR), ("ivar", _TABLE_IVAR),
+                                 ("quality", _TABLE_QUALITY)):
+            col = _pick(names, candidates)
+            if col is not None:
+                columns[kind] = _column(table, col, n_rows)
+                if columns[kind].shape != (n,):
+                    raise KinjaxError(f"{path}: column {col} has {columns[kind].size} values, {wave_col} has {n}")
+        if fwhm is None:
+            fwhm = _header_fwhm([table.header, hdul[0].header], wave, path)
+    if flux.shape != (n,):
+        raise KinjaxError(f"{path}: column {flux_col} has {flux.size} values, {wave_col} has {n}")
+    mask = np.isfinite(flux)
+    if "quality" in columns:
+        mask &= columns["quality"] == 0
+    if noise is None:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            if "sigma" in columns:
+                noise = columns["sigma"]
+            elif "var" in columns:
+                noise = np.where(columns["var"] > 0, np.sqrt(columns["var"]), np.nan)
+            elif "ivar" in columns:
+                noise = np.where(columns["ivar"] > 0, 1.0 / np.sqrt(columns["ivar"]), np.nan)
+            else:
+                raise KinjaxError(f"{path} has no ERR / VAR / IVAR column; pass noise=... (1σ per pixel)")
+        mask &= np.isfinite(noise) & (noise > 0)
+    if not mask.any():
+        raise KinjaxError(f"{path}: every pixel is flagged (QUAL != 0, no positive noise or no finite flux)")
+    return Spectrum(wave=wave, flux=flux, noise=noise, mask=mask, fwhm=fwhm, redshift=redshift,
+                    name=path.stem if name is None else name)
 
 
 def _sdss_redshift(hdul, table):
@@ -491,15 +688,19 @@ def _noise_from_extensions(hdul, n):
 
 
 def read_spectrum(path, *, noise=None, fwhm=None, redshift=0.0, hdu=0, name=None) -> Spectrum:
-    """Read a 1D FITS spectrum with a linear wavelength axis, or an SDSS spectrum.
+    """Read a 1D FITS spectrum: an image, an SDSS spectrum or a spectrum table.
 
     Parameters
     ----------
     path : str or Path
         FITS file; HDU ``hdu`` holds the flux as a 1D image with CRVAL1, CDELT1
-        (or CD1_1) and CRPIX1 (default 1) in Å (CUNIT1 nm is converted). A file
-        whose primary HDU is empty and which has an SDSS-style table (``flux`` with
-        ``loglam`` or ``wavelength``) is read by :func:`read_sdss_spectrum`.
+        (or CD1_1) and CRPIX1 (default 1) in Å (CUNIT1 nm, µm, m are converted). The
+        axis is linear, FITS-WCS logarithmic (CTYPE1 ``WAVE-LOG`` or ``AWAV-LOG``) or
+        IRAF log10 (DC-FLAG = 1); a log axis is kept as it is (``velscale`` set, no
+        resampling). When the primary HDU is empty (and ``hdu`` is left at 0) the
+        file is read as an SDSS spectrum (:func:`read_sdss_spectrum`), else as a
+        spectrum table (:func:`read_table_spectrum`), else from its first 1D image
+        extension (DATA, FLUX, SCI or SPECTRUM first, as MPDAF writes them).
     noise : float or array_like (n_pix,), optional
         1σ noise. If None, an extension NOISE/ERROR/ERR (σ), VAR/VARIANCE/STAT
         (variance) or IVAR (inverse variance; ivar <= 0 pixels are masked) is used.
@@ -515,7 +716,7 @@ def read_spectrum(path, *, noise=None, fwhm=None, redshift=0.0, hdu=0, name=None
     Returns
     -------
     Spectrum
-        Linear sampling (``velscale=None``); call ``.log_rebin()`` before fitting.
+        ``velscale`` set for a log axis, else None (``setup_fit`` log-rebins it).
     """
     from astropy.io import fits  # lazy: keeps `import kinjax` fast
 
@@ -523,8 +724,16 @@ def read_spectrum(path, *, noise=None, fwhm=None, redshift=0.0, hdu=0, name=None
     if not path.exists():
         raise KinjaxError(f"{path} does not exist")
     with fits.open(path) as hdul:
-        if hdu == 0 and hdul[0].data is None and _sdss_table(hdul) is not None:
-            return read_sdss_spectrum(path, noise=noise, fwhm=fwhm, redshift=redshift, name=name)
+        if hdu == 0 and hdul[0].data is None:
+            if _sdss_table(hdul) is not None:
+                return read_sdss_spectrum(path, noise=noise, fwhm=fwhm, redshift=redshift, name=name)
+            if _spectrum_table(hdul) is not None:
+                return read_table_spectrum(path, noise=noise, fwhm=fwhm, redshift=redshift, name=name)
+            found = _image_hdu(hdul)
+            if found is None:
+                raise KinjaxError(f"{path}: the primary HDU is empty and no extension holds a 1D spectrum "
+                                  "(an image, an SDSS table or a table with WAVE and FLUX columns)")
+            hdu = found
         header = hdul[hdu].header
         data = hdul[hdu].data
         if data is None or np.asarray(data).squeeze().ndim != 1:
@@ -535,7 +744,7 @@ def read_spectrum(path, *, noise=None, fwhm=None, redshift=0.0, hdu=0, name=None
             )
         flux = np.asarray(data, dtype=np.float64).squeeze()
         n = flux.size
-        wave = _linear_wave(header, n, path)
+        wave, velscale = _wave_axis(header, n, path)
         mask = np.ones(n, bool)
         if noise is None:
             found = _noise_from_extensions(hdul, n)
@@ -547,12 +756,8 @@ def read_spectrum(path, *, noise=None, fwhm=None, redshift=0.0, hdu=0, name=None
             noise, mask = found
             mask = mask & np.isfinite(noise)  # the file flags these pixels as unusable
         if fwhm is None:
-            if "FWHM" not in header:
-                raise KinjaxError(
-                    f"{path} gives no instrumental resolution; pass fwhm=... (Å, FWHM)"
-                )
-            fwhm = float(header["FWHM"])
+            fwhm = _header_fwhm([header, hdul[0].header], wave, path)
     return Spectrum(
         wave=wave, flux=flux, noise=noise, mask=mask, fwhm=fwhm,
-        redshift=redshift, name=path.stem if name is None else name,
+        redshift=redshift, velscale=velscale, name=path.stem if name is None else name,
     )

@@ -175,10 +175,10 @@ def parse_miles_name(name):
 
 
 def _read_fits_templates(files, fwhm):
-    """Read one-spectrum-per-file FITS templates sharing a linear λ axis."""
+    """Read one-spectrum-per-file FITS templates sharing one λ axis (linear or logarithmic, see ``kinjax.spectrum._wave_axis``)."""
     from astropy.io import fits  # lazy import
 
-    from kinjax.spectrum import _linear_wave
+    from kinjax.spectrum import _wave_axis
 
     wave, spectra, header_fwhm = None, [], None
     for f in files:
@@ -186,7 +186,7 @@ def _read_fits_templates(files, fwhm):
             data = np.asarray(hdul[0].data, dtype=np.float64).squeeze()
             if data.ndim != 1:
                 raise KinjaxError(f"{f} is not a 1D template spectrum (shape {data.shape})")
-            w = _linear_wave(hdul[0].header, data.size, f)
+            w, _ = _wave_axis(hdul[0].header, data.size, f)
             header_fwhm = hdul[0].header.get("FWHM", header_fwhm)
         if wave is None:
             wave = w
@@ -289,7 +289,7 @@ def load_templates(path, *, fwhm=None) -> Templates:
     Parameters
     ----------
     path : str or Path
-        A directory of one-spectrum FITS files with a linear λ axis (MILES
+        A directory of one-spectrum FITS files with a linear or log λ axis (MILES
         naming ``...Z[mp]<metal>T<age>...`` gives ages and metallicities, other
         names give NaN), or a pPXF ≥ 9 ``.npz`` file with ``templates`` (n_pix,
         n_ages, n_metals[, n_alpha]), ``lam``, ``fwhm``, ``ages`` (Gyr), ``metals``.

@@ -218,6 +218,36 @@ def test_result_netcdf_round_trip(map_result, tmp_path):
     assert back.summary() == map_result.summary()
 
 
+def test_other_file_layouts_give_the_same_fit(map_result, tmp_path):
+    """NGC 4550 written as an ESO Phase 3 table (one row of arrays, linear λ in nm) and,
+    log-rebinned, as an IRAF log10 image read back without resampling: both give the
+    MAP of the bundled spectrum (the same pixels, so to rounding)."""
+    from astropy.io import fits
+
+    from kinjax.spectrum import read_spectrum
+
+    spec = ngc4550()
+    n = spec.n_pix
+    cols = [fits.Column(name="WAVE", format=f"{n}D", unit="nm", array=[spec.wave / 10]),
+            fits.Column(name="FLUX", format=f"{n}D", array=[spec.flux]),
+            fits.Column(name="ERR", format=f"{n}D", array=[spec.noise])]
+    eso = tmp_path / "eso.fits"
+    # SAURON's FWHM is constant in Å, so the header gives FWHM rather than a resolving power SPEC_RES
+    fits.HDUList([fits.PrimaryHDU(header=fits.Header({"FWHM": 4.2})), fits.BinTableHDU.from_columns(cols)]).writeto(eso)
+    log = spec.log_rebin()
+    iraf = tmp_path / "iraf.fits"
+    header = fits.Header({"CRVAL1": np.log10(log.wave[0]), "CDELT1": log.velscale / C_KMS / np.log(10),
+                          "DC-FLAG": 1, "FWHM": 4.2})
+    fits.HDUList([fits.PrimaryHDU(log.flux, header), fits.ImageHDU(log.noise, name="NOISE")]).writeto(iraf)
+    reference = map_result.summary()
+    for path in (eso, iraf):
+        spectrum = read_spectrum(path)
+        assert spectrum.is_log == (path == iraf)
+        s = fit_spectrum(None, setup=setup_fit(spectrum, noise=0.0047), method="map").summary()
+        for name in ("v", "sigma", "h3", "h4", "chi2_dof"):
+            assert s[name] == pytest.approx(reference[name], rel=1e-6, abs=1e-8), (path.name, name)
+
+
 def test_all_masked_spectrum_is_refused():
     spec = ngc4550().log_rebin()
     with pytest.raises(KinjaxError):

@@ -12,8 +12,10 @@ from kinjax.spectrum import (
     EMISSION_LINES_EXTENDED,
     Spectrum,
     emission_line_mask,
+    is_spectrum_file,
     read_sdss_spectrum,
     read_spectrum,
+    read_table_spectrum,
 )
 
 
@@ -202,6 +204,103 @@ def test_read_spectrum_errors(tmp_path):
         read_spectrum(p2, noise=0.1, fwhm=2.0)
     with pytest.raises(KinjaxError, match="does not exist"):
         read_spectrum(tmp_path / "nope.fits", noise=0.1, fwhm=2.0)
+
+
+def test_read_spectrum_log_axes(tmp_path):
+    """Log-sampled images keep their grid (velscale set, no resampling): IRAF log10
+    (DC-FLAG = 1) and FITS-WCS AWAV-LOG (Greisen et al. 2006, eq. 5) in nm, the latter
+    in a DATA extension with a STAT (variance) extension as MPDAF writes it. Reference:
+    the grid λ_k = λ_0 exp(k · velscale / c)."""
+    from astropy.io import fits
+
+    from kinjax.cube import detect_format
+
+    n, lam0, velscale = 300, 4800.0, 60.0
+    wave = lam0 * np.exp(np.arange(n) * velscale / C_KMS)
+    flux = 1 + 0.1 * np.sin(np.arange(n) / 5)
+    iraf = {"CRVAL1": np.log10(lam0), "CDELT1": velscale / C_KMS / np.log(10), "DC-FLAG": 1,
+            "CTYPE1": "LINEAR", "FWHM": 2.5}
+    s = read_spectrum(_write(tmp_path / "iraf.fits", flux, iraf, {"ERR": np.full(n, 0.02)}))
+    np.testing.assert_allclose(s.wave, wave, rtol=1e-13)
+    assert s.velscale == pytest.approx(velscale, rel=1e-12) and s.fwhm == 2.5 and np.all(s.noise == 0.02)
+    # CRPIX1 = 11 puts λ_0 on pixel 11
+    wcs = {"CRVAL1": lam0 / 10, "CDELT1": lam0 / 10 * velscale / C_KMS, "CRPIX1": 11.0, "CTYPE1": "AWAV-LOG",
+           "CUNIT1": "nm"}
+    path = tmp_path / "mpdaf.fits"
+    fits.HDUList([fits.PrimaryHDU(header=fits.Header({"FWHM": 2.5})),
+                  fits.ImageHDU(flux, fits.Header(wcs), name="DATA"),
+                  fits.ImageHDU(np.full(n, 4e-4), name="STAT")]).writeto(path)
+    s = read_spectrum(path)
+    np.testing.assert_allclose(s.wave, wave * np.exp(-10 * velscale / C_KMS), rtol=1e-13)
+    np.testing.assert_allclose(s.noise, 0.02)
+    assert s.velscale == pytest.approx(velscale, rel=1e-12) and s.fwhm == 2.5
+    with fits.open(path) as hdul:
+        assert is_spectrum_file(hdul) and detect_format(hdul) == "spectrum"
+    # axes that are not (or not only) wavelength are refused by name
+    for bad in ({"CTYPE1": "MULTISPE"}, {"CTYPE1": "WAVE-TAB"}, {"CTYPE1": "FREQ"}, {"CTYPE1": "LOG-LINEAR"},
+                {"DC-FLAG": 1, "CRVAL1": lam0}, {"CUNIT1": "km/s"}):
+        hdr = {"CRVAL1": 3.7, "CDELT1": 1e-4, "FWHM": 2.5, **bad}
+        with pytest.raises(KinjaxError, match="CTYPE1|DC-FLAG|unit"):
+            read_spectrum(_write(tmp_path / "bad.fits", flux, hdr, {"ERR": np.full(n, 0.02)}), fwhm=2.5)
+        (tmp_path / "bad.fits").unlink()
+
+
+def _eso_table(path, wave_nm, flux, err, qual, header=None):
+    """An ESO Phase 3 SCIENCE.SPECTRUM: one table row holding every column as an array."""
+    from astropy.io import fits
+
+    n = len(flux)
+    cols = [fits.Column(name="WAVE", format=f"{n}D", unit="nm", array=[wave_nm]),
+            fits.Column(name="FLUX", format=f"{n}E", array=[flux]),
+            fits.Column(name="ERR", format=f"{n}E", array=[err]),
+            fits.Column(name="QUAL", format=f"{n}J", array=[qual])]
+    fits.HDUList([fits.PrimaryHDU(header=fits.Header(header or {})), fits.BinTableHDU.from_columns(cols)]).writeto(path)
+    return path
+
+
+def test_read_table_spectrum(tmp_path):
+    """Spectrum tables: the ESO one-row layout in nm with SPEC_RES (FWHM = λ / R) and a
+    QUAL flag, and a one-pixel-per-row table in Å with IVAR."""
+    from astropy.io import fits
+
+    n = 120
+    wave = np.linspace(4800.0, 5400.0, n)
+    flux = 1 + 0.1 * np.cos(np.arange(n) / 4)
+    qual = np.zeros(n, np.int32)
+    qual[7] = 4
+    path = _eso_table(tmp_path / "eso.fits", wave / 10, flux, np.full(n, 0.05), qual, {"SPEC_RES": 2000.0})
+    s = read_spectrum(path, redshift=0.002)
+    np.testing.assert_allclose(s.wave, wave, rtol=1e-13)
+    np.testing.assert_allclose(s.flux, flux, rtol=1e-7)  # stored as float32
+    np.testing.assert_allclose(s.fwhm, wave / 2000.0, rtol=1e-13)
+    assert not s.mask[7] and s.n_good == n - 1 and s.redshift == 0.002 and s.velscale is None
+    with fits.open(path) as hdul:
+        assert is_spectrum_file(hdul)
+    ivar = np.full(n, 400.0)
+    ivar[3] = 0.0
+    cols = [fits.Column(name="lambda", format="D", unit="Angstrom", array=wave),
+            fits.Column(name="flux", format="D", array=flux),
+            fits.Column(name="ivar", format="D", array=ivar)]
+    rows = tmp_path / "rows.fits"
+    fits.HDUList([fits.PrimaryHDU(), fits.BinTableHDU.from_columns(cols)]).writeto(rows)
+    s = read_table_spectrum(rows, fwhm=3.0)
+    np.testing.assert_allclose(s.wave, wave)
+    assert s.noise[0] == pytest.approx(0.05) and not s.mask[3] and s.n_good == n - 1 and s.fwhm == 3.0
+    # what a table lacks is asked for
+    with pytest.raises(KinjaxError, match="no instrumental resolution"):
+        read_spectrum(rows)
+    path = _eso_table(tmp_path / "noq.fits", wave / 10, flux, np.zeros(n), np.zeros(n, np.int32), {"SPEC_RES": 2e3})
+    with pytest.raises(KinjaxError, match="every pixel is flagged"):
+        read_spectrum(path)
+    s = read_spectrum(path, noise=0.1)  # a given noise replaces the unusable ERR column
+    assert s.n_good == n and np.all(s.noise == 0.1)
+    cols[0] = fits.Column(name="lambda", format="D", unit="km/s", array=wave)
+    fits.HDUList([fits.PrimaryHDU(), fits.BinTableHDU.from_columns(cols)]).writeto(tmp_path / "kms.fits")
+    with pytest.raises(KinjaxError, match="unknown wavelength unit"):
+        read_spectrum(tmp_path / "kms.fits", fwhm=3.0)
+    fits.HDUList([fits.PrimaryHDU(), fits.BinTableHDU.from_columns(cols[1:])]).writeto(tmp_path / "nowave.fits")
+    with pytest.raises(KinjaxError, match="no extension holds a 1D spectrum"):
+        read_spectrum(tmp_path / "nowave.fits", fwhm=3.0)
 
 
 def _ppxf_spectrum(name):
