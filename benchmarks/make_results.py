@@ -16,6 +16,7 @@ sys.path.insert(0, str(HERE))
 SECTIONS = (
     ("forward_throughput", "Forward-model throughput"),
     ("ngc4550", "NGC 4550: pPXF 8.2.6 and kinjax side by side"),
+    ("sdss", "Three SDSS spectra: pPXF 8.2.6 and kinjax side by side"),
     ("montecarlo", "Monte Carlo on mock spectra"),
     ("montecarlo_nuts", "Monte Carlo: calibration of the NUTS posteriors"),
     ("precision", "Single vs double precision"),
