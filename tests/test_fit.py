@@ -248,6 +248,21 @@ def test_other_file_layouts_give_the_same_fit(map_result, tmp_path):
             assert s[name] == pytest.approx(reference[name], rel=1e-6, abs=1e-8), (path.name, name)
 
 
+def test_fit_is_invariant_under_redshift(map_result):
+    """NGC 4550 moved to z = 0.5 (λ and the observed-frame FWHM times 1.5, ``redshift=0.5``)
+    gives back the z = 0 fit: velocities are c ln(1 + z) offsets, so V relative to the
+    systemic redshift, σ, h3, h4 and χ² must not change (the emission-line and template-edge
+    masks move with z)."""
+    import dataclasses
+
+    spec = ngc4550()
+    moved = dataclasses.replace(spec, wave=spec.wave * 1.5, fwhm=spec.fwhm * 1.5, redshift=0.5)
+    s = fit_spectrum(moved, noise=0.0047, method="map").summary()
+    reference = map_result.summary()
+    for name in ("v", "sigma", "h3", "h4", "chi2_dof", "v_err", "sigma_err"):
+        assert s[name] == pytest.approx(reference[name], rel=1e-5, abs=1e-6), name
+
+
 def test_all_masked_spectrum_is_refused():
     spec = ngc4550().log_rebin()
     with pytest.raises(KinjaxError):
