@@ -402,6 +402,19 @@ def _wave_axis(header, n, path):
     return (crval + x * step) * scale, None
 
 
+def _ascending(wave, flux, noise, mask, fwhm):
+    """The per-pixel arrays in order of increasing wavelength (a file may store them
+    decreasing, e.g. CDELT1 < 0); scalars pass through."""
+    wave = np.asarray(wave, dtype=np.float64)
+    if wave.size < 2 or not np.all(np.diff(wave) < 0):
+        return wave, flux, noise, mask, fwhm
+
+    def flip(a):
+        return a[::-1] if np.ndim(a) == 1 and np.size(a) == wave.size else a
+
+    return tuple(flip(np.asarray(a)) if a is not None else None for a in (wave, flux, noise, mask, fwhm))
+
+
 def _header_fwhm(headers, wave, path):
     """Instrumental FWHM (Å) from the first header with ``FWHM`` (Å) or, failing that,
     ``SPEC_RES`` (resolving power R, as in ESO Phase 3 products: FWHM = λ / R)."""
@@ -571,6 +584,7 @@ def read_table_spectrum(path, *, noise=None, fwhm=None, redshift=0.0, name=None)
         mask &= np.isfinite(noise) & (noise > 0)
     if not mask.any():
         raise KinjaxError(f"{path}: every pixel is flagged (QUAL != 0, no positive noise or no finite flux)")
+    wave, flux, noise, mask, fwhm = _ascending(wave, flux, noise, mask, fwhm)
     return Spectrum(wave=wave, flux=flux, noise=noise, mask=mask, fwhm=fwhm, redshift=redshift,
                     name=path.stem if name is None else name)
 
@@ -757,6 +771,8 @@ def read_spectrum(path, *, noise=None, fwhm=None, redshift=0.0, hdu=0, name=None
             mask = mask & np.isfinite(noise)  # the file flags these pixels as unusable
         if fwhm is None:
             fwhm = _header_fwhm([header, hdul[0].header], wave, path)
+    if velscale is None:  # a linear axis may run backwards (CDELT1 < 0)
+        wave, flux, noise, mask, fwhm = _ascending(wave, flux, noise, mask, fwhm)
     return Spectrum(
         wave=wave, flux=flux, noise=noise, mask=mask, fwhm=fwhm,
         redshift=redshift, velscale=velscale, name=path.stem if name is None else name,

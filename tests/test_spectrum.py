@@ -186,6 +186,14 @@ def test_read_spectrum(tmp_path):
     # VAR extension
     s = read_spectrum(_write(tmp_path / "v.fits", flux, hdr, {"VAR": np.full(n, 0.09)}), fwhm=2.0)
     np.testing.assert_allclose(s.noise, 0.3)
+    # a linear axis that runs backwards (CDELT1 < 0) is read in increasing order
+    ivar[5] = 4.0
+    ivar[-1] = 0.0
+    back = {"CRVAL1": 5098.0, "CDELT1": -2.0}
+    s = read_spectrum(_write(tmp_path / "back.fits", flux, back, {"IVAR": ivar}), fwhm=2.0)
+    np.testing.assert_allclose(s.wave, 5000 + 2.0 * np.arange(n))
+    np.testing.assert_allclose(s.flux, flux[::-1])
+    assert not s.mask[0] and s.n_good == n - 1
     # scalar noise argument
     s = read_spectrum(tmp_path / "b.fits", noise=0.2, fwhm=2.0, redshift=0.01, name="x")
     assert s.redshift == 0.01 and s.name == "x" and s.n_good == n
@@ -286,6 +294,13 @@ def test_read_table_spectrum(tmp_path):
     s = read_table_spectrum(rows, fwhm=3.0)
     np.testing.assert_allclose(s.wave, wave)
     assert s.noise[0] == pytest.approx(0.05) and not s.mask[3] and s.n_good == n - 1 and s.fwhm == 3.0
+    # rows in order of decreasing λ are put in increasing order, with their flags
+    cols_back = [fits.Column(name=c.name, format=c.format, unit=c.unit, array=c.array[::-1]) for c in cols]
+    fits.HDUList([fits.PrimaryHDU(), fits.BinTableHDU.from_columns(cols_back)]).writeto(tmp_path / "back.fits")
+    s = read_spectrum(tmp_path / "back.fits", fwhm=3.0)
+    np.testing.assert_allclose(s.wave, wave)
+    np.testing.assert_allclose(s.flux, flux)
+    assert not s.mask[3] and s.n_good == n - 1
     # what a table lacks is asked for
     with pytest.raises(KinjaxError, match="no instrumental resolution"):
         read_spectrum(rows)
