@@ -25,7 +25,6 @@ Run: ``python benchmarks/sdss.py`` (about 8 minutes on 2 cores).
 from __future__ import annotations
 
 import glob
-import os
 import sys
 import time
 from pathlib import Path
