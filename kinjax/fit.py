@@ -468,7 +468,8 @@ def _run_nuts(setup, sol, names, num_warmup, num_samples, num_chains, seed, prog
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=num_warmup + num_samples, desc=f"NUTS ({num_chains} chains)", file=sys.stderr)
+        bar = tqdm(total=num_chains * (num_warmup + num_samples), desc=f"NUTS ({num_chains} chains)",
+                   unit="it", file=sys.stderr)
     PROGRESS["bar"] = bar
     try:
         z, diverging, num_steps = jax.block_until_ready(
