@@ -19,7 +19,7 @@ file's). kinjax runs ``kinjax.spectrum.read_spectrum`` (what ``kinjax fit`` read
 ``fit_spectrum``: MAP with the default Normal(0, 0.1) prior on h3, h4 and with a flat one
 (``h_prior=None``, like ``bias=0``), and NUTS (default prior, 4 x (300 + 250)), timed on a second call once compiled.
 
-Run: ``python benchmarks/sdss.py`` (about 8 minutes on 2 cores).
+Run: ``python benchmarks/sdss.py`` (about 5 minutes on 2 cores).
 """
 
 from __future__ import annotations

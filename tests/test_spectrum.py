@@ -301,6 +301,14 @@ def test_read_table_spectrum(tmp_path):
     np.testing.assert_allclose(s.wave, wave)
     np.testing.assert_allclose(s.flux, flux)
     assert not s.mask[3] and s.n_good == n - 1
+    # a 'wavelength' column without SDSS's ivar / and_mask / wdisp is not an SDSS table:
+    # its wavelengths are used as they are, not converted from vacuum to air
+    generic = [fits.Column(name="wavelength", format="D", array=wave), cols[1],
+               fits.Column(name="err", format="D", array=np.full(n, 0.05))]
+    fits.HDUList([fits.PrimaryHDU(), fits.BinTableHDU.from_columns(generic)]).writeto(tmp_path / "generic.fits")
+    s = read_spectrum(tmp_path / "generic.fits", fwhm=3.0)
+    np.testing.assert_array_equal(s.wave, wave)
+    assert np.all(s.noise == 0.05) and s.n_good == n
     # what a table lacks is asked for
     with pytest.raises(KinjaxError, match="no instrumental resolution"):
         read_spectrum(rows)
