@@ -66,16 +66,14 @@ def ppxf_inputs(stem, z, fwhm):
         if "COADD" in hdul:
             t = hdul["COADD"].data
             wave_vac, ivar = 10.0 ** t["loglam"].astype(float), t["ivar"].astype(float)
-            flagged = t["and_mask"] != 0
             wdisp = t["wdisp"].astype(float)
         else:
             t = hdul[1].data
             wave_vac, ivar = t["wavelength"].astype(float), t["inverse_variance"].astype(float)
-            flagged = t["and_mask"] != 0
             wdisp = None
             if z is None:
                 z = float(hdul[1].header["Z"])
-        flux = t["flux"].astype(float)
+        flux, flagged = t["flux"].astype(float), t["and_mask"] != 0
     lam = util.vac_to_air(wave_vac)
     scale = np.median(flux)
     galaxy = flux / scale
@@ -98,7 +96,7 @@ def ppxf_inputs(stem, z, fwhm):
     good = util.determine_goodpixels(np.log(lam), lam_t[keep][[0, -1]], z)
     good = np.intersect1d(good, np.flatnonzero(usable))
     return dict(templates=np.array(templates).T, galaxy=galaxy, noise=noise, velscale=velscale, lam=lam,
-                lam_temp=np.exp(ln_lam_t), goodpixels=good, z=z, n_pix=lam.size, velscale_kms=velscale)
+                lam_temp=np.exp(ln_lam_t), goodpixels=good, z=z, n_pix=lam.size)
 
 
 def run_ppxf(p, bias=None):
@@ -154,7 +152,7 @@ def one_spectrum(stem, z, fwhm):
                 divergences=int(d["divergences"]))
             print(stem, "kinjax NUTS", np.round(nuts.best, 4), np.round(nuts.error, 4), flush=True)
     return {"redshift": z, "fwhm": "wdisp" if fwhm is None else fwhm, "n_pix": p["n_pix"],
-            "velscale": p["velscale_kms"], "fits": out}
+            "velscale": p["velscale"], "fits": out}
 
 
 def main():
