@@ -16,6 +16,7 @@ resolution matching) and then runs
 from __future__ import annotations
 
 import functools
+import os
 import sys
 import time
 import warnings
@@ -247,7 +248,8 @@ def fit_spectrum(
         optimisations, from a velocity/σ grid scan and from (V, σ) = (0, 150) km/s, the
         better kept (:func:`kinjax.optimize.make_fitter`).
     num_warmup, num_samples, num_chains : int
-        NUTS settings (chains run vectorised).
+        NUTS settings (on a multi-core CPU the chains run in parallel threads, on an
+        accelerator side by side in one program).
     n_draws : int
         MAP: draws from the Laplace approximation for the LOSVD band and moments.
     seed : int
@@ -446,15 +448,33 @@ def nuts_inputs(fm: ForwardModel, spec: LosvdSpec, sol, nonneg: bool = True):
     return fm_sub, terms, loc, chol
 
 
-def _nuts_sampler(setup, num_warmup, num_samples, num_chains):
-    """The compiled NUTS program of a set-up and configuration (built once, then reused)."""
-    from kinjax.models import make_nuts_program
+def _host_threads(num_chains: int) -> int:
+    """Host threads for the chains of one spectrum: one per CPU core this process may use."""
+    if jax.default_backend() != "cpu":
+        return 1  # accelerators run the chains side by side (vmap)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(num_chains, cores))
 
-    key = (num_warmup, num_samples, num_chains)
+
+def _nuts_sampler(setup, num_warmup, num_samples, num_chains):
+    """The compiled NUTS sampler of a set-up and configuration (built once, then reused).
+
+    ``sample(key, forward, y, weights, linear, loc, chol) -> (z, diverging, num_steps)``:
+    on a multi-core CPU the chains run in host threads (:func:`kinjax.models.run_chains`),
+    otherwise in one program (:func:`kinjax.models.make_nuts_program`).
+    """
+    from kinjax.models import make_nuts_chain, make_nuts_program, run_chains
+
+    threads = _host_threads(num_chains)
+    key = (num_warmup, num_samples, num_chains, threads)
     cache = setup.nuts_cache
     if key not in cache:
         n_theta = setup.spec.n_params + setup.forward.mdegree
-        cache[key] = make_nuts_program(setup.spec, n_theta, num_warmup, num_samples, num_chains)
+        if threads > 1:
+            chain = make_nuts_chain(setup.spec, n_theta, num_warmup, num_samples)
+            cache[key] = lambda rng, *args: run_chains(chain, rng, args, num_chains, threads)
+        else:
+            cache[key] = make_nuts_program(setup.spec, n_theta, num_warmup, num_samples, num_chains)
     return cache[key]
 
 
@@ -470,7 +490,7 @@ def _run_nuts(setup, sol, names, num_warmup, num_samples, num_chains, seed, prog
 
         bar = tqdm(total=num_chains * (num_warmup + num_samples), desc=f"NUTS ({num_chains} chains)",
                    unit="it", file=sys.stderr)
-    PROGRESS["bar"] = bar
+    PROGRESS["bar"], PROGRESS["done"] = bar, {}
     try:
         z, diverging, num_steps = jax.block_until_ready(
             run(jax.random.PRNGKey(seed), fm_sub, setup.y, setup.weights, terms, loc, chol)

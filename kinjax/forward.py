@@ -35,6 +35,7 @@ from __future__ import annotations
 
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 import numpy as np
 from numpy.polynomial import legendre
@@ -153,7 +154,12 @@ class ForwardModel(eqx.Module):
     def _sample(self, convolved_fft: jnp.ndarray) -> jnp.ndarray:
         """Inverse FFT and average onto galaxy pixels: (..., n_freq) -> (..., n_pix)."""
         conv = jnp.fft.irfft(convolved_fft, n=self.n_pad, axis=-1)
-        return conv[..., self.index].mean(axis=-1)
+        # ``index`` is one contiguous run of n_pix × velscale_ratio template pixels
+        # (make_forward_model): a slice and strided sums, 3–4 times faster on XLA:CPU
+        # than a gather or a mean over a short last axis, and so are their gradients
+        n_pix, ratio = self.index.shape
+        conv = jax.lax.dynamic_slice_in_dim(conv, self.index[0, 0], n_pix * ratio, axis=-1)
+        return sum(conv[..., j::ratio] for j in range(ratio)) / ratio
 
     def multiplicative_polynomial(self, mult_coeffs=None) -> jnp.ndarray:
         """M(x) = 1 + sum_k m_k P_k(x): (n_pix,); ones when ``mdegree`` is 0."""
