@@ -34,7 +34,7 @@ from kinjax.optimize import make_fitter, make_map_solver, make_start_finder
 from kinjax.result import FitResult
 from kinjax.templates import Templates, load_emiles, prepare_templates
 
-__all__ = ["FitSetup", "setup_fit", "fit_spectrum", "losvd_band", "losvd_band_arrays", "nuts_inputs"]
+__all__ = ["FitSetup", "setup_fit", "fit_spectrum", "losvd_band", "losvd_band_arrays", "nuts_inputs", "single_threaded_blas"]
 
 
 @dataclass(frozen=True)

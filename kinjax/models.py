@@ -275,7 +275,10 @@ def run_chains(chain, key, args, num_chains: int, threads: int):
     but on a multi-core CPU the chains run at the same time, each at its own pace: XLA
     releases Python's lock while it computes, and one small spectrum keeps about one core
     busy. On two cores a posterior of NGC 4636 (3838 SDSS pixels) took 7.8 s against
-    17.8 s for the chains one after the other.
+    17.8 s for the chains one after the other. Run it with BLAS limited to one thread
+    (:func:`kinjax.fit.single_threaded_blas`, as ``fit_spectrum`` does): OpenBLAS's own
+    threads otherwise compete with the chains, and NGC 4550 ran slower in two threads
+    than in one.
 
     Returns
     -------
