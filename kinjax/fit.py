@@ -34,7 +34,8 @@ from kinjax.optimize import make_fitter, make_map_solver, make_start_finder
 from kinjax.result import FitResult
 from kinjax.templates import Templates, load_emiles, prepare_templates
 
-__all__ = ["FitSetup", "setup_fit", "fit_spectrum", "losvd_band", "losvd_band_arrays", "nuts_inputs", "single_threaded_blas"]
+__all__ = ["FitSetup", "setup_fit", "fit_spectrum", "losvd_band", "losvd_band_arrays", "nuts_inputs", "single_threaded_blas",
+           "template_slots"]
 
 
 @dataclass(frozen=True)
@@ -389,28 +390,44 @@ def _solve_at(fm, spec, nonneg_templates, y, w, theta):
 #: one compiled sampler serves every spectrum of a set-up).
 NUTS_TEMPLATES = 16
 
+#: Template slots ``fit_spectrum`` gives the sampler: the smallest of these that holds the
+#: MAP's non-zero templates (few compilations; fewer slots, cheaper steps: NGC 4636's
+#: four templates in 8 slots instead of 16 made a gradient 0.64 ms instead of 0.94).
+TEMPLATE_SLOTS = (4, 8, 12, NUTS_TEMPLATES)
+
+
+def template_slots(n_nonzero: int) -> int:
+    """Template slots for a MAP with ``n_nonzero`` non-zero template weights (:data:`TEMPLATE_SLOTS`)."""
+    return next((n for n in TEMPLATE_SLOTS if n >= n_nonzero), NUTS_TEMPLATES)
+
 #: Largest standard deviation of a sampler coordinate in the NUTS whitening (see
 #: :func:`nuts_inputs`); the logistic map's own density has sd π/√3 ≈ 1.8.
 WHITEN_SD_MAX = 1.0
 
 
-def nuts_inputs(fm: ForwardModel, spec: LosvdSpec, sol, nonneg: bool = True):
+def nuts_inputs(fm: ForwardModel, spec: LosvdSpec, sol, nonneg: bool = True, weights=None,
+                n_templates: int = NUTS_TEMPLATES):
     """Inputs of the compiled NUTS program for one spectrum, from its MAP solution.
 
     Returns the forward model restricted to the MAP's template support (a fixed number
-    of templates, :data:`NUTS_TEMPLATES`), the :class:`~kinjax.linear.LinearTerms` the
+    ``n_templates`` of template slots, at most the MAP's largest weights), the :class:`~kinjax.linear.LinearTerms` the
     profile likelihood solves for (unused template slots dropped; template weights
     non-negative when ``nonneg``, as in the MAP fit), and the whitening: the MAP ``loc``
     in the sampler's unconstrained coordinates (:meth:`~kinjax.family.LosvdSpec.constrain`)
     and a square root ``chol`` of its Laplace covariance there;
     :func:`kinjax.models.whitened_to_theta` maps the draws back. Pure JAX with shapes
     fixed by the set-up, so it can be mapped over a batch of spectra inside ``jit``.
+
+    With the spectrum's ``weights`` (n_pix,) (``mask / noise``) and in float64, the
+    LinearTerms also hold the factorised additive polynomials
+    (:class:`~kinjax.linear.FreeBlock`), which the sampler's likelihood then solves for
+    by projection: the same values, a cheaper step.
     """
-    from kinjax.linear import LinearTerms
+    from kinjax.linear import LinearTerms, free_block
 
     linear = jnp.asarray(sol.linear)
     n_t = fm.n_templates
-    n_keep = min(NUTS_TEMPLATES, n_t)
+    n_keep = min(n_templates, n_t)
     order = jnp.argsort(-jnp.abs(linear[:n_t]), stable=True)[:n_keep]
     used = linear[order] != 0
     used = used | ~used.any()  # no template at all: offer them all
@@ -425,8 +442,12 @@ def nuts_inputs(fm: ForwardModel, spec: LosvdSpec, sol, nonneg: bool = True):
     else:  # several components: keep every template (rarely needed; slower)
         fm_sub, used = fm, jnp.ones(n_t, bool)
     n_add = fm_sub.additive.shape[0]
+    free = None
+    if weights is not None and n_add and jnp.finfo(fm_sub.additive.dtype).bits == 64:
+        free = free_block(fm_sub.additive.T, jnp.asarray(weights, fm_sub.additive.dtype))
     terms = LinearTerms(use=jnp.concatenate([used, jnp.ones(n_add, bool)]),
-                        nonneg=jnp.concatenate([jnp.full(used.size, nonneg), jnp.zeros(n_add, bool)]))
+                        nonneg=jnp.concatenate([jnp.full(used.size, nonneg), jnp.zeros(n_add, bool)]),
+                        free=free)
     # whitening in the sampler's unconstrained coordinates s (LosvdSpec.constrain): the
     # MAP mapped to s, its Laplace covariance carried over by the Jacobian dθ/ds there
     k = spec.n_params
@@ -496,7 +517,9 @@ def _nuts_sampler(setup, num_warmup, num_samples, num_chains):
 
 def _run_nuts(setup, sol, names, num_warmup, num_samples, num_chains, seed, progress):
     """NUTS over the non-linear parameters; linear ones profiled on the MAP support."""
-    fm_sub, terms, loc, chol = nuts_inputs(setup.forward, setup.spec, sol, nonneg=setup.nonneg)
+    n_nonzero = int(np.sum(np.asarray(sol.linear)[: setup.forward.n_templates] != 0))
+    fm_sub, terms, loc, chol = nuts_inputs(setup.forward, setup.spec, sol, nonneg=setup.nonneg, weights=setup.weights,
+                                           n_templates=template_slots(n_nonzero))
     run = _nuts_sampler(setup, num_warmup, num_samples, num_chains)
     from kinjax.models import PROGRESS, whitened_to_theta
 

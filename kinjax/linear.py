@@ -17,7 +17,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-__all__ = ["normal_equations", "qr_reduce", "nnls", "nnls_qr", "lstsq", "solve_linear", "LinearTerms", "profile_loglike", "marginal_loglike"]
+__all__ = ["normal_equations", "qr_reduce", "nnls", "nnls_qr", "lstsq", "solve_linear", "FreeBlock", "free_block",
+           "solve_projected", "LinearTerms", "profile_loglike", "marginal_loglike"]
 
 
 def normal_equations(A, y, weights):
@@ -247,10 +248,69 @@ def solve_linear(A, y, weights, nonneg, passive=None):
     if _single(A):
         R, q, scale = qr_reduce(A, y, weights)
         solve, active = (lambda: _masked_solve_qr(R, q, jnp.ones_like(nonneg))), (lambda: nnls_qr(R, q, nonneg, passive))
-    else:
-        gram, rhs, scale = normal_equations(A, y, weights)
-        solve, active = (lambda: _masked_solve(gram, rhs, jnp.ones_like(nonneg))), (lambda: nnls(gram, rhs, nonneg, passive))
+        return jax.lax.cond(~jnp.any(nonneg), solve, active) / scale
+    return _solve_gram(*normal_equations(A, y, weights), nonneg, passive)
+
+
+def _solve_gram(gram, rhs, scale, nonneg, passive):
+    """Solution of scaled normal equations (:func:`normal_equations`), NNLS where ``nonneg``."""
+    solve, active = (lambda: _masked_solve(gram, rhs, jnp.ones_like(nonneg))), (lambda: nnls(gram, rhs, nonneg, passive))
     return jax.lax.cond(~jnp.any(nonneg), solve, active) / scale
+
+
+class FreeBlock(NamedTuple):
+    """Columns with free coefficients that do not change during a fit, factorised once.
+
+    The additive polynomials are such columns: with ``P * weights[:, None] = q @ r``
+    (reduced QR), :func:`solve_projected` solves for them by projection, so that the
+    per-step solve only involves the template columns (a pytree).
+
+    q : (n_pix, n_free) orthonormal columns; r : (n_free, n_free) upper triangular.
+    """
+
+    q: jax.Array
+    r: jax.Array
+
+
+def free_block(P, weights) -> FreeBlock:
+    """:class:`FreeBlock` of the columns ``P`` (n_pix, n_free) under ``weights`` (n_pix,)."""
+    q, r = jnp.linalg.qr(P * weights[:, None])
+    return FreeBlock(q, r)
+
+
+def solve_projected(T, y, weights, nonneg, passive, block: FreeBlock):
+    """:func:`solve_linear` of ``A = [T, P]`` when ``P``'s coefficients are free and fixed.
+
+    ``P`` (e.g. the additive polynomials) enters through its factorisation ``block``
+    (:func:`free_block` with the same ``weights``). With ``Q`` its orthonormal basis, the
+    template coefficients solve the problem projected off ``P``: Gram matrix
+    ``TᵀWWT − (QᵀWT)ᵀ(QᵀWT)`` and right-hand side ``TᵀWWy − (QᵀWT)ᵀQᵀWy``; then
+    ``x_P = r⁻¹ Qᵀ W (y − T x_T)``. The solution is that of :func:`solve_linear` on the
+    whole matrix (to rounding: the subtraction costs the digits by which ``P`` explains
+    the templates, so float64 only), but the per-step work is
+    ``n_T (n_T + n_P) n_pix`` instead of ``(n_T + n_P)² n_pix``: for 16 templates and an
+    additive degree of 20, 2.3 times less.
+
+    Parameters
+    ----------
+    T : (n_pix, n_T); y, weights : (n_pix,); nonneg, passive : (n_T,) bool (as in
+    :func:`nnls`; ``passive`` may be None); block : FreeBlock.
+
+    Returns
+    -------
+    x_T : (n_T,); x_P : (n_free,)
+    """
+    if _single(T):
+        raise ValueError("solve_projected loses the digits P explains in single precision: use solve_linear")
+    Tw, yw = T * weights[:, None], y * weights
+    c, c_y = block.q.T @ Tw, block.q.T @ yw
+    gram = Tw.T @ Tw - c.T @ c
+    rhs = Tw.T @ yw - c.T @ c_y
+    diag = jnp.diagonal(gram)
+    scale = jnp.sqrt(jnp.where(diag > 0, diag, 1.0))
+    x_t = _solve_gram(gram / jnp.outer(scale, scale), rhs / scale, scale, nonneg, passive)
+    x_p = jax.scipy.linalg.solve_triangular(block.r, c_y - c @ x_t, lower=False)
+    return x_t, x_p
 
 
 class LinearTerms(NamedTuple):
@@ -260,10 +320,15 @@ class LinearTerms(NamedTuple):
         Columns in the model (False: dropped, e.g. unused template slots).
     nonneg : (n_lin,) bool
         Columns whose coefficient must be ≥ 0 (template weights, unless PCA components).
+    free : FreeBlock, optional
+        The additive polynomials (the last columns, all used), factorised once, so that
+        :func:`kinjax.models.forward_profile_loglike` solves for them by projection
+        (:func:`solve_projected`; float64). :func:`profile_loglike` ignores it.
     """
 
     use: jax.Array
     nonneg: jax.Array
+    free: FreeBlock | None = None
 
 
 def profile_loglike(A, y, weights, terms: LinearTerms):

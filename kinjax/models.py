@@ -39,7 +39,7 @@ from numpyro.distributions import constraints
 
 from kinjax.family import LosvdSpec
 from kinjax.forward import ForwardModel
-from kinjax.linear import LinearTerms, profile_loglike, solve_linear
+from kinjax.linear import LinearTerms, profile_loglike, solve_linear, solve_projected
 
 __all__ = ["forward_profile_loglike", "spectrum_model", "spectrum_model_whitened", "log_posterior_whitened", "whitened_to_theta",
            "make_nuts_program", "make_nuts_chain", "run_chains"]
@@ -52,7 +52,11 @@ def forward_profile_loglike(forward: ForwardModel, losvd, y, weights, linear: Li
     linear parameters ``x`` enter as constants), but it is taken through the model
     ``forward(losvd, x)``, which mixes the templates before convolving them: one inverse
     FFT to differentiate instead of one per template column of the design matrix. The
-    design matrix itself is only needed for the solve, without a gradient.
+    design matrix itself is only needed for the solve, without a gradient. When
+    ``linear.free`` holds the additive polynomials' factorisation, they are solved for by
+    projection (:func:`kinjax.linear.solve_projected`), which makes the solve's Gram matrix
+    2–3 times cheaper (NGC 3073's 3856 SDSS pixels with 16 templates and degree 20: a
+    gradient of 1.10 ms instead of 1.47 ms).
 
     Parameters
     ----------
@@ -61,10 +65,17 @@ def forward_profile_loglike(forward: ForwardModel, losvd, y, weights, linear: Li
     """
     if forward.light_constraints(losvd) is not None:  # equal-light rows depend on the LOSVD too
         return profile_loglike(*forward.linear_system(losvd, y, weights, mult), linear)
-    a = jax.lax.stop_gradient(forward.design_matrix(losvd, mult)) * linear.use
-    x = jax.lax.stop_gradient(solve_linear(a, y, weights, linear.nonneg | ~linear.use, passive=linear.use))
     n_t = forward.n_templates
-    r = (forward(losvd, x[:n_t], x[n_t:], mult) - y) * weights
+    if linear.free is not None:  # additive polynomials solved by projection (solve_projected)
+        use = linear.use[:n_t]
+        t = jax.lax.stop_gradient(forward.convolved_templates(losvd, mult)).T * use
+        x_t, x_p = jax.lax.stop_gradient(
+            solve_projected(t, y, weights, linear.nonneg[:n_t] | ~use, use, linear.free))
+    else:
+        a = jax.lax.stop_gradient(forward.design_matrix(losvd, mult)) * linear.use
+        x = jax.lax.stop_gradient(solve_linear(a, y, weights, linear.nonneg | ~linear.use, passive=linear.use))
+        x_t, x_p = x[:n_t], x[n_t:]
+    r = (forward(losvd, x_t, x_p, mult) - y) * weights
     return -0.5 * (r @ r)
 
 

@@ -118,7 +118,10 @@ def test_sampler_likelihood_and_gradient_equal_autodiff_through_the_design_matri
 
     Reference: :func:`kinjax.linear.profile_loglike` of the full linear system,
     differentiated by autodiff through all design-matrix columns; with and without a
-    multiplicative polynomial, and at a point where a template weight is on its bound.
+    multiplicative polynomial, at a point where a template weight is on its bound, and
+    with the additive polynomials solved for by projection (``weights`` given:
+    ``LinearTerms.free``) in 16 and in 8 template slots (what ``fit_spectrum`` gives
+    NGC 4550's five MAP templates) or without.
     """
     import dataclasses
 
@@ -128,27 +131,33 @@ def test_sampler_likelihood_and_gradient_equal_autodiff_through_the_design_matri
     from kinjax.linear import profile_loglike
     from kinjax.models import forward_profile_loglike
 
+    from kinjax.fit import template_slots
+
     sol = setup.fitter(setup.y, setup.weights)
-    fm, terms, _, _ = nuts_inputs(setup.forward, setup.spec, sol)
     spec, y, w = setup.spec, setup.y, setup.weights
-    mult_fm = dataclasses.replace(fm, multiplicative=jnp.asarray(np.polynomial.legendre.legvander(
-        np.linspace(-1, 1, fm.n_pix), 2)[:, 1:].T))
+    assert template_slots(int(np.sum(np.asarray(sol.linear)[:setup.forward.n_templates] != 0))) == 8
+    for slots, weights in ((16, None), (16, w), (8, w)):
+        fm, terms, _, _ = nuts_inputs(setup.forward, setup.spec, sol, weights=weights, n_templates=slots)
+        assert fm.n_templates == slots and (terms.free is None) == (weights is None)
+        mult_fm = dataclasses.replace(fm, multiplicative=jnp.asarray(np.polynomial.legendre.legvander(
+            np.linspace(-1, 1, fm.n_pix), 2)[:, 1:].T))
 
-    def ours(th, model):
-        mult = th[4:] if model.mdegree else None
-        return forward_profile_loglike(model, spec.build(th[:4]), y, w, terms, mult)
+        def ours(th, model):
+            mult = th[4:] if model.mdegree else None
+            return forward_profile_loglike(model, spec.build(th[:4]), y, w, terms, mult)
 
-    def reference(th, model):
-        mult = th[4:] if model.mdegree else None
-        return profile_loglike(*model.linear_system(spec.build(th[:4]), y, w, mult), terms)
+        def reference(th, model):
+            mult = th[4:] if model.mdegree else None
+            return profile_loglike(*model.linear_system(spec.build(th[:4]), y, w, mult), terms)
 
-    for model, extra in ((fm, []), (mult_fm, [0.02, -0.01])):
-        for th in ([436.0, 110.0, 0.03, 0.07], [300.0, 250.0, -0.1, 0.05], [600.0, 60.0, 0.2, -0.1]):
-            th = jnp.asarray(th + extra)
-            v, g = jax.value_and_grad(ours)(th, model)
-            v_ref, g_ref = jax.value_and_grad(reference)(th, model)
-            np.testing.assert_allclose(float(v), float(v_ref), rtol=1e-10)
-            np.testing.assert_allclose(np.asarray(g), np.asarray(g_ref), rtol=1e-6, atol=1e-8 * np.abs(g_ref).max())
+        for model, extra in ((fm, []), (mult_fm, [0.02, -0.01])):
+            for th in ([436.0, 110.0, 0.03, 0.07], [300.0, 250.0, -0.1, 0.05], [600.0, 60.0, 0.2, -0.1]):
+                th = jnp.asarray(th + extra)
+                v, g = jax.value_and_grad(ours)(th, model)
+                v_ref, g_ref = jax.value_and_grad(reference)(th, model)
+                np.testing.assert_allclose(float(v), float(v_ref), rtol=1e-10)
+                np.testing.assert_allclose(np.asarray(g), np.asarray(g_ref), rtol=1e-6,
+                                           atol=1e-8 * np.abs(g_ref).max())
 
 
 def test_threaded_chains_give_the_draws_of_the_single_program(setup):

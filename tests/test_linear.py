@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from scipy.optimize import lsq_linear
 
-from kinjax.linear import LinearTerms, marginal_loglike, normal_equations, profile_loglike, solve_linear
+from kinjax.linear import (LinearTerms, free_block, marginal_loglike, normal_equations, profile_loglike, solve_linear,
+                           solve_projected)
 
 
 def _problem(n_pix=200, n_tpl=30, n_free=5, seed=0):
@@ -34,6 +35,30 @@ def test_nnls_matches_scipy_bounded_least_squares(seed):
     assert np.all(x[nonneg] >= 0)
     assert chi2(x) <= chi2(ref) * (1 + 1e-9)
     np.testing.assert_allclose(x, ref, atol=1e-6 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_projecting_out_the_free_columns_gives_scipys_bounded_least_squares(seed):
+    """``solve_projected`` (template weights ≥ 0, free polynomial columns solved for by
+    projection) against scipy's BVLS on the whole matrix; also with two template columns
+    dropped (zeroed, as unused NUTS slots) and with all template weights free."""
+    n_free = 8
+    A, y, w, nonneg = _problem(seed=seed, n_free=n_free)
+    T, P = A[:, :-n_free], A[:, -n_free:]
+    block = free_block(jnp.asarray(P), jnp.asarray(w))
+    use = np.ones(T.shape[1], bool)
+    use[[1, 4]] = False
+    for cols, tpl_nonneg in ((np.ones_like(use), True), (use, True), (np.ones_like(use), False)):
+        Tu = T * cols
+        nn = np.full(T.shape[1], tpl_nonneg) | ~cols
+        x_t, x_p = solve_projected(jnp.asarray(Tu), jnp.asarray(y), jnp.asarray(w), jnp.asarray(nn),
+                                   jnp.asarray(cols), block)
+        x = np.r_[np.asarray(x_t), np.asarray(x_p)]
+        lb = np.r_[np.where(nn, 0.0, -np.inf)[cols], np.full(n_free, -np.inf)]
+        sub = np.c_[Tu[:, cols], P]
+        ref = lsq_linear(sub * w[:, None], y * w, bounds=(lb, np.inf), tol=1e-14, method="bvls").x
+        assert np.all(np.asarray(x_t)[cols & nn] >= 0) and np.all(np.asarray(x_t)[~cols] == 0)
+        np.testing.assert_allclose(np.r_[x[:T.shape[1]][cols], x[T.shape[1]:]], ref, atol=1e-7 * np.abs(ref).max())
 
 
 def test_nnls_is_vmappable():
