@@ -13,7 +13,7 @@ like pPXF's ``bias=0``). MAP (Levenberg-Marquardt, Laplace errors): compile, the
 the two-start fitter (what fit_spectrum runs), the start scan, one LM run and the full
 fit_spectrum timed separately. NUTS: the first call on a
 set-up compiles the sampler, the faster of the 2nd and 3rd calls (same set-up, other seeds) is
-the per-fit time; fit_spectrum's default 4 chains × (300 + 250) and a longer 4 × (500 + 500).
+the per-fit time; fit_spectrum's default 4 chains × (150 + 400) and a longer 4 × (500 + 500).
 Run in float64 (``jax_enable_x64``, the CLI's choice).
 
 Run: ``python benchmarks/ngc4550.py`` (a few minutes, most of it NUTS).
@@ -88,8 +88,8 @@ def run_ppxf(p, bias=None):
     return ppxf(p["templates"], p["galaxy"], p["noise"], p["velscale"], p["start"], **kw)
 
 
-#: NUTS settings timed: fit_spectrum's default (4 x (300 + 250)) and a longer one (4 chains each)
-NUTS_SETTINGS = ((300, 250), (500, 500))
+#: NUTS settings timed: fit_spectrum's default (4 x (150 + 400)) and a longer one (4 chains each)
+NUTS_SETTINGS = ((150, 400), (500, 500))
 
 
 def kinjax_map(setup):

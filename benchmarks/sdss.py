@@ -17,7 +17,7 @@ astropy and ppxf's own utilities, not with kinjax. pPXF runs with its default ki
 penalty and with ``bias=0``; its formal errors are not rescaled (the noise is the
 file's). kinjax runs ``kinjax.spectrum.read_spectrum`` (what ``kinjax fit`` reads) and
 ``fit_spectrum``: MAP with the default Normal(0, 0.1) prior on h3, h4 and with a flat one
-(``h_prior=None``, like ``bias=0``), and NUTS (default prior, 4 x (300 + 250)), timed on a second call once compiled.
+(``h_prior=None``, like ``bias=0``), and NUTS (default prior, fit_spectrum's default 4 x (150 + 400)), timed on a second call once compiled.
 
 Run: ``python benchmarks/sdss.py`` (about 5 minutes on 2 cores).
 """
