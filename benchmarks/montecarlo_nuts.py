@@ -6,9 +6,10 @@ This run asks whether the full posterior does better, on Gauss-Hermite mocks dra
 of ``montecarlo.py n_per_sn``: V ~ U(-300, 300) km/s, σ ~ U(60, 250) km/s,
 h3, h4 ~ U(-0.1, 0.1), random mixtures of 3 E-MILES SSPs on the NGC 4550 grid, S/N 10,
 30, 100) are sampled with ``fit_spectrum``'s NUTS scheme and default setting: MAP (the
-two-start fitter), then 4 chains x (300 + 250) of the whitened posterior with the linear parameters profiled
-posterior with the default Normal(0, 0.1) prior on h3, h4 (one compiled program reused
-for every mock). Reported per S/N: bias of the posterior medians, their scatter, the
+two-start fitter), then ``kinjax.fit.sample_posterior`` with fit_spectrum's default
+setting (4 chains x (150 + 400) since session 21; 4 x (300 + 250) before) of the whitened
+posterior with the linear parameters profiled and the default Normal(0, 0.1) prior on h3,
+h4 (compiled once per number of template slots, reused for every mock). Reported per S/N: bias of the posterior medians, their scatter, the
 coverage of the central 68 % credible intervals (16th-84th percentiles), and for
 comparison the coverage of the MAP's Laplace intervals on the same mocks; plus the median
 min-ESS, max R-hat, divergences and time per spectrum.
@@ -17,15 +18,16 @@ min-ESS, max R-hat, divergences and time per spectrum.
 from the fit's own Normal(0, 0.1) prior, a check of calibration against the prior.
 
 Run: ``python benchmarks/montecarlo_nuts.py [n_per_sn] [--with-sn10]`` (default 50 per S/N at
-S/N 30 and 100: 100 posteriors, about 15 min on 2 cores; S/N 10 is skipped unless asked).
+S/N 30 and 100: 100 posteriors, about 2 min on 2 cores since session 21; S/N 10 is skipped unless asked).
 ``--sn10 [--from S]`` fits ``n`` of the S/N-10 mocks of the MAP Monte Carlo's record instead
-(12 s per posterior here since session 18; see :func:`sn10_cells`); ``--prior-truths --sn10``
+(about 1 s per posterior here since session 21, 12 s in session 18; see :func:`sn10_cells`); ``--prior-truths --sn10``
 fits ``n`` S/N-10 mocks whose parameters are drawn from the fit's own prior
 (:func:`prior_truths_sn10`).
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 import time
@@ -43,13 +45,15 @@ from _common import machine, machine_line, table, write  # noqa: E402
 from montecarlo import GH_NAMES, SE_NAMES, SNS, draw_truths, make_mocks, stats, stats_cells  # noqa: E402
 
 from kinjax.datasets import ngc4550  # noqa: E402
-from kinjax.fit import nuts_inputs, setup_fit  # noqa: E402
-from kinjax.models import make_nuts_program, whitened_to_theta  # noqa: E402
+from kinjax.fit import fit_spectrum, sample_posterior, setup_fit, single_threaded_blas  # noqa: E402
 
-NUM_WARMUP, NUM_SAMPLES, NUM_CHAINS = 300, 250, 4
+#: fit_spectrum's default NUTS setting (4 x (150 + 400) since session 21; the records before
+#: that, whose tables say so, used 4 x (300 + 250))
+NUM_WARMUP, NUM_SAMPLES, NUM_CHAINS = (inspect.signature(fit_spectrum).parameters[k].default
+                                       for k in ("num_warmup", "num_samples", "num_chains"))
 
 
-def fit_cell(setup, run, ys, w, truths, sn, key_base, names=GH_NAMES):
+def fit_cell(setup, ys, w, truths, sn, key_base, names=GH_NAMES):
     """NUTS posteriors (and the MAP's Laplace intervals) for one set of mocks; a result cell.
 
     ``names``: the parameters scored, the first ``len(names)`` of θ (V, σ, h3, h4 for
@@ -59,16 +63,15 @@ def fit_cell(setup, run, ys, w, truths, sn, key_base, names=GH_NAMES):
 
     k = len(names)
 
-    fm, spec = setup.forward, setup.spec
     n = len(ys)
     med, lo, hi, laplace, ess, rhat, div, times, at_bound = [], [], [], [], [], [], [], [], []
     for i, y in enumerate(ys):
         y = jnp.asarray(y)
         t0 = time.perf_counter()
-        sol = setup.fitter(y, w)
-        fm_sub, terms, loc, chol = nuts_inputs(fm, spec, sol)
-        z, d, _ = run(jax.random.PRNGKey(key_base + i), fm_sub, y, w, terms, loc, chol)
-        draws = whitened_to_theta(z, spec, loc, chol)
+        with single_threaded_blas():  # as fit_spectrum runs
+            sol = setup.fitter(y, w)
+            draws, diag = sample_posterior(setup, sol, y, w, num_warmup=NUM_WARMUP, num_samples=NUM_SAMPLES,
+                                           num_chains=NUM_CHAINS, seed=key_base + i)
         times.append(time.perf_counter() - t0)
         flat = draws.reshape(-1, draws.shape[-1])[:, :k]
         q = np.percentile(flat, [15.865, 50.0, 84.135], axis=0)
@@ -78,7 +81,7 @@ def fit_cell(setup, run, ys, w, truths, sn, key_base, names=GH_NAMES):
         ds = az.convert_to_dataset({nm: draws[..., j] for j, nm in enumerate(names)})
         ess.append(min(float(az.ess(ds)[nm]) for nm in names))
         rhat.append(max(float(az.rhat(ds)[nm]) for nm in names))
-        div.append(int(np.asarray(d).sum()))
+        div.append(int(diag["divergences"]))
     med, lo, hi = np.array(med), np.array(lo), np.array(hi)
     inside = (truths[:, :k] >= lo) & (truths[:, :k] <= hi)
     post = stats(med, 0.5 * (hi - lo), truths[:, :k])
@@ -120,12 +123,11 @@ def prior_truths_sn10(n, more=False):
     h = h[np.all(np.abs(h) <= 0.3, axis=1)][:n]
     truths = np.column_stack([rng.uniform(-300, 300, n), rng.uniform(5, 1000, n), h])
     setup = setup_fit(ngc4550(), noise=0.0047, h_prior=0.1)
-    fm, spec = setup.forward, setup.spec
-    run = make_nuts_program(spec, spec.n_params + fm.mdegree, NUM_WARMUP, NUM_SAMPLES, NUM_CHAINS)
+    fm = setup.forward
     ys, sigma = make_mocks(fm, truths, "gh", 10, rng)
     w = jnp.asarray(np.where(np.asarray(setup.spectrum.mask), 1.0 / sigma, 0.0))
     t0 = time.perf_counter()
-    cell = fit_cell(setup, run, ys, w, truths, 10, 67000 if more else 66000)
+    cell = fit_cell(setup, ys, w, truths, 10, 67000 if more else 66000)
     cell["machine"] = machine()
     cell["total_s"] = time.perf_counter() - t0
     out["prior_truths_sn10_more" if more else "prior_truths_sn10"] = cell
@@ -155,13 +157,12 @@ def prior_truths(n, sn=30, h_from_prior=True):
     if h_from_prior:
         truths[:, 2:4] = np.clip(rng.normal(0.0, 0.1, (n, 2)), -0.29, 0.29)
     setup = setup_fit(ngc4550(), noise=0.0047, h_prior=0.1)
-    fm, spec = setup.forward, setup.spec
-    run = make_nuts_program(spec, spec.n_params + fm.mdegree, NUM_WARMUP, NUM_SAMPLES, NUM_CHAINS)
+    fm = setup.forward
     ys, sigma = make_mocks(fm, truths, "gh", sn, rng)
     w = jnp.asarray(np.where(np.asarray(setup.spectrum.mask), 1.0 / sigma, 0.0))
     t0 = time.perf_counter()
     name = "prior_truths" if h_from_prior else "more_sn30"
-    cell = fit_cell(setup, run, ys, w, truths, sn, 77000 if h_from_prior else 88000)
+    cell = fit_cell(setup, ys, w, truths, sn, 77000 if h_from_prior else 88000)
     cell["machine"] = machine()
     cell["total_s"] = time.perf_counter() - t0
     out[name] = cell
@@ -175,7 +176,7 @@ def se_cells(n_fit=50, n_gh=200, n_se=100, start=0):
 
     Replays the random draws of ``montecarlo.py 200 100`` (the recorded Monte Carlo: its
     Gauss-Hermite cells come first), so the mocks are that record's SE mocks, and fits the
-    first ``n_fit`` of them per S/N with the SE family's MAP and then NUTS (4 x (300 + 250),
+    first ``n_fit`` of them per S/N with the SE family's MAP and then NUTS (the default setting,
     the linear parameters profiled, the family's default priors, one compiled program for
     every mock), scoring the mean V and dispersion (θ[0], θ[1] of the SE family; the MAP's
     Laplace intervals on the same mocks come along). Result added to the recorded JSON as
@@ -198,8 +199,6 @@ def se_cells(n_fit=50, n_gh=200, n_se=100, start=0):
     rng = np.random.default_rng(2024)
     gh = setup_fit(ngc4550(), noise=0.0047, h_prior=0.1)
     setup = setup_fit(ngc4550(), noise=0.0047, losvd="se")
-    fm, spec = setup.forward, setup.spec
-    run = make_nuts_program(spec, spec.n_params + fm.mdegree, NUM_WARMUP, NUM_SAMPLES, NUM_CHAINS)
     mask = np.asarray(setup.spectrum.mask)
     for sn in SNS:  # replay the GH cells' draws
         make_mocks(gh.forward, draw_truths(rng, n_gh, "gh"), "gh", sn, rng)
@@ -211,7 +210,7 @@ def se_cells(n_fit=50, n_gh=200, n_se=100, start=0):
             continue
         w = jnp.asarray(np.where(mask, 1.0 / sigma, 0.0))
         pick = slice(start, start + n_fit)
-        cell = fit_cell(setup, run, ys[pick], w, truths[pick], sn, 5000 * sn + start, names=SE_NAMES)
+        cell = fit_cell(setup, ys[pick], w, truths[pick], sn, 5000 * sn + start, names=SE_NAMES)
         cell["machine"] = machine()
         cell["first_mock"] = start
         cells.append(cell)
@@ -233,8 +232,8 @@ def sn10_cells(n_fit=50, start=0, n_gh=200):
     one chunk of ``sn10`` in the recorded JSON (chunks with the same ``first_mock`` are
     replaced, the others kept), and the page pools the chunks.
 
-    Why in chunks: at S/N 10 a posterior takes 8-40 s here (broad, skewed, sometimes two
-    modes), so 200 of them are about an hour.
+    Why in chunks: at S/N 10 a posterior took 8-40 s here in session 18 (broad, skewed,
+    sometimes two modes), so 200 of them were about an hour; since session 21 about 1-9 s.
     """
     import json
 
@@ -242,14 +241,13 @@ def sn10_cells(n_fit=50, start=0, n_gh=200):
     out = json.loads(path.read_text())
     rng = np.random.default_rng(2024)
     setup = setup_fit(ngc4550(), noise=0.0047, h_prior=0.1)
-    fm, spec = setup.forward, setup.spec
-    run = make_nuts_program(spec, spec.n_params + fm.mdegree, NUM_WARMUP, NUM_SAMPLES, NUM_CHAINS)
+    fm = setup.forward
     truths = draw_truths(rng, n_gh, "gh")
     ys, sigma = make_mocks(fm, truths, "gh", 10, rng)
     w = jnp.asarray(np.where(np.asarray(setup.spectrum.mask), 1.0 / sigma, 0.0))
     pick = slice(start, start + n_fit)
     t0 = time.perf_counter()
-    cell = fit_cell(setup, run, ys[pick], w, truths[pick], 10, 10000 + start)
+    cell = fit_cell(setup, ys[pick], w, truths[pick], 10, 10000 + start)
     cell["machine"] = machine()
     cell["first_mock"] = start
     cell["total_s"] = time.perf_counter() - t0
@@ -284,8 +282,7 @@ def main():
     t_start = time.perf_counter()
     rng = np.random.default_rng(2024)  # montecarlo.py's seed: its GH cells come first, in this order
     setup = setup_fit(ngc4550(), noise=0.0047, h_prior=0.1)
-    fm, spec = setup.forward, setup.spec
-    run = make_nuts_program(spec, spec.n_params + fm.mdegree, NUM_WARMUP, NUM_SAMPLES, NUM_CHAINS)
+    fm = setup.forward
     mask = np.asarray(setup.spectrum.mask)
     out = {"machine_start": machine(), "n_per_sn": n, "setting": f"{NUM_CHAINS} x ({NUM_WARMUP} + {NUM_SAMPLES})",
            "cells": []}
@@ -303,7 +300,7 @@ def main():
         w = jnp.asarray(np.where(mask, 1.0 / sigma, 0.0))
         if sn not in fit_sns:
             continue
-        cell = fit_cell(setup, run, ys, w, truths, sn, 1000 * sn)
+        cell = fit_cell(setup, ys, w, truths, sn, 1000 * sn)
         out["cells"].append(cell)
         out["machine_end"] = machine()
         out["total_s"] = time.perf_counter() - t_start

@@ -35,7 +35,7 @@ from kinjax.result import FitResult
 from kinjax.templates import Templates, load_emiles, prepare_templates
 
 __all__ = ["FitSetup", "setup_fit", "fit_spectrum", "losvd_band", "losvd_band_arrays", "nuts_inputs", "single_threaded_blas",
-           "template_slots"]
+           "template_slots", "sample_posterior"]
 
 
 @dataclass(frozen=True)
@@ -312,7 +312,8 @@ def fit_spectrum(
         if at_bound:
             warnings.warn(_bound_message(spec, theta_map[:k], at_bound), stacklevel=2)
     else:
-        samples, diagnostics = _run_nuts(setup, sol, names, num_warmup, num_samples, num_chains, seed, progress)
+        samples, diagnostics = sample_posterior(setup, sol, num_warmup=num_warmup, num_samples=num_samples,
+                                                num_chains=num_chains, seed=seed, progress=progress, names=names)
         best = np.median(samples.reshape(-1, len(names)), axis=0)
         # best-fit linear parameters at the posterior median
         linear = np.asarray(setup.linear_at(y, w, jnp.asarray(best)))
@@ -519,10 +520,31 @@ def _nuts_sampler(setup, num_warmup, num_samples, num_chains):
     return cache[key]
 
 
-def _run_nuts(setup, sol, names, num_warmup, num_samples, num_chains, seed, progress):
-    """NUTS over the non-linear parameters; linear ones profiled on the MAP support."""
+def sample_posterior(setup: FitSetup, sol, y=None, weights=None, *, num_warmup: int = 150, num_samples: int = 400,
+                     num_chains: int = 4, seed: int = 0, progress: bool = False, names=None):
+    """The NUTS posterior of one spectrum from its MAP solution, as ``fit_spectrum`` samples it.
+
+    NUTS over the non-linear parameters, the linear ones profiled on the MAP's template
+    support (:func:`nuts_inputs`).
+
+    For loops over many spectra of one set-up (Monte Carlo on mocks) without building a
+    :class:`FitResult` for each: ``y``, ``weights`` (n_pix,) replace the set-up's own
+    spectrum (``sol`` must be their MAP, e.g. ``setup.fitter(y, weights)``). Settings as in
+    :func:`fit_spectrum`; each configuration compiles once per set-up and number of
+    template slots (:func:`template_slots`).
+
+    Returns
+    -------
+    samples : (num_chains, num_samples, n_theta) parameters (LOSVD, then multiplicative);
+    diagnostics : dict (R-hat, bulk ESS, divergences, mean tree steps), keyed by ``names``
+    (default: the family's parameter names, then ``mult1``, …).
+    """
+    y = setup.y if y is None else jnp.asarray(y)
+    weights = setup.weights if weights is None else jnp.asarray(weights)
+    if names is None:
+        names = tuple(setup.spec.names) + tuple(f"mult{i + 1}" for i in range(setup.forward.mdegree))
     n_nonzero = int(np.sum(np.asarray(sol.linear)[: setup.forward.n_templates] != 0))
-    fm_sub, terms, loc, chol = nuts_inputs(setup.forward, setup.spec, sol, nonneg=setup.nonneg, weights=setup.weights,
+    fm_sub, terms, loc, chol = nuts_inputs(setup.forward, setup.spec, sol, nonneg=setup.nonneg, weights=weights,
                                            n_templates=template_slots(n_nonzero))
     run = _nuts_sampler(setup, num_warmup, num_samples, num_chains)
     from kinjax.models import PROGRESS, whitened_to_theta
@@ -537,7 +559,7 @@ def _run_nuts(setup, sol, names, num_warmup, num_samples, num_chains, seed, prog
     try:
         with single_threaded_blas():
             z, diverging, num_steps = jax.block_until_ready(
-                run(jax.random.PRNGKey(seed), fm_sub, setup.y, setup.weights, terms, loc, chol)
+                run(jax.random.PRNGKey(seed), fm_sub, y, weights, terms, loc, chol)
             )
     finally:
         PROGRESS["bar"] = None

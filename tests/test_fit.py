@@ -181,6 +181,28 @@ def test_threaded_chains_give_the_draws_of_the_single_program(setup):
     assert np.ptp(np.asarray(program[0])[:, -1, 0]) > 0  # the three chains differ
 
 
+def test_sample_posterior_of_other_data_is_fit_spectrums_posterior_of_them(setup):
+    """``sample_posterior(setup, sol, y, w)`` (the Monte Carlo benchmarks' loop) draws what
+    ``fit_spectrum`` draws for a set-up holding that spectrum: same keys, same draws."""
+    import dataclasses
+
+    from kinjax.fit import sample_posterior
+
+    truth = GaussHermite(-60.0, 140.0, jnp.asarray([0.04, 0.02]))
+    y, noise = _mock(setup, truth, 40.0, 11)
+    spectrum = dataclasses.replace(setup.spectrum.with_noise(np.full(y.size, noise)), flux=y)
+    other = dataclasses.replace(setup, spectrum=spectrum)
+    kw = dict(num_warmup=40, num_samples=30, num_chains=2, seed=5)
+    w = jnp.asarray(np.where(setup.spectrum.mask, 1.0 / noise, 0.0))
+    sol = setup.fitter(jnp.asarray(y), w)
+    draws, diag = sample_posterior(setup, sol, y, w, **kw)
+    r = fit_spectrum(None, setup=other, method="nuts", progress=False, **kw)
+    assert draws.shape == r.samples.shape == (2, 30, 4)
+    np.testing.assert_allclose(draws, r.samples, rtol=1e-9, atol=1e-9)
+    assert diag["divergences"] == r.diagnostics["divergences"]
+    assert abs(np.median(draws[..., 0]) - (-60.0)) < 30.0  # near the truth, not the set-up's galaxy (436 km/s)
+
+
 def test_on_bounds_names_the_kinematic_parameters_at_their_limits():
     from kinjax.family import losvd_spec
 
