@@ -10,7 +10,7 @@ scale (as in ``cube_recovery.py``).
   spectra of 481 pixels, 150 E-MILES templates), each setting run twice, the second call
   timed (compiled);
 - the 3D GP MAP on those spaxel fits (it recompiles on every call: compilation included);
-- NUTS spaxel by spaxel (4 x 4 spaxels of the same galaxy, 2 chains x (300 + 250)),
+- NUTS spaxel by spaxel (4 x 4 spaxels of the same galaxy, 2 chains x (150 + 400), the default),
   second call timed.
 
 Run: ``python benchmarks/sharding.py [N]`` (N defaults to the number of cores; about

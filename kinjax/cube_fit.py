@@ -450,7 +450,7 @@ def fit_cube_spaxels(cube, templates, *, losvd="gh", moments=4, degree=4, mdegre
 
 
 def fit_cube_spaxels_nuts(cube, templates, *, losvd="gh", moments=4, degree=4, mdegree=0,
-                          velscale_ratio=2, vmax=2000.0, snr_min=None, num_warmup=300, num_samples=250,
+                          velscale_ratio=2, vmax=2000.0, snr_min=None, num_warmup=150, num_samples=400,
                           num_chains=2, chunk_size=16, progress=True, seed=0, mask_emission=True,
                           devices=None) -> CubeFit:
     """Fit every usable spaxel independently with NUTS (MAP first, then the posterior).
@@ -463,8 +463,9 @@ def fit_cube_spaxels_nuts(cube, templates, *, losvd="gh", moments=4, degree=4, m
     ``devices``), with a progress bar over the chunks. ``theta`` holds the posterior
     medians, ``theta_err`` half the 16-84 % widths and ``cov`` the sample covariances;
     ``info["r_hat_max"]`` and ``info["divergences"]`` (n_spaxels,) are the diagnostics.
-    ``chunk_size`` spaxels per program call (on a GPU, the spaxels sampled at once). Other
-    parameters as :func:`fit_cube_spaxels`.
+    ``chunk_size`` spaxels per program call (on a GPU, the spaxels sampled at once). The
+    default 150 warm-up steps and 400 draws per chain are ``fit_spectrum``'s (the chains
+    start at the MAP, whitened). Other parameters as :func:`fit_cube_spaxels`.
     """
     from kinjax.fit import nuts_inputs
     from kinjax.models import make_nuts_program, whitened_to_theta
