@@ -405,6 +405,7 @@ def template_slots(n_nonzero: int) -> int:
     """Template slots for a MAP with ``n_nonzero`` non-zero template weights (:data:`TEMPLATE_SLOTS`)."""
     return next((n for n in TEMPLATE_SLOTS if n >= n_nonzero), NUTS_TEMPLATES)
 
+
 #: Largest standard deviation of a sampler coordinate in the NUTS whitening (see
 #: :func:`nuts_inputs`); the logistic map's own density has sd π/√3 ≈ 1.8.
 WHITEN_SD_MAX = 1.0
@@ -415,8 +416,9 @@ def nuts_inputs(fm: ForwardModel, spec: LosvdSpec, sol, nonneg: bool = True, wei
     """Inputs of the compiled NUTS program for one spectrum, from its MAP solution.
 
     Returns the forward model restricted to the MAP's template support (a fixed number
-    ``n_templates`` of template slots, at most the MAP's largest weights), the :class:`~kinjax.linear.LinearTerms` the
-    profile likelihood solves for (unused template slots dropped; template weights
+    ``n_templates`` of template slots, holding the MAP's largest weights), the
+    :class:`~kinjax.linear.LinearTerms` the profile likelihood solves for (unused
+    template slots dropped; template weights
     non-negative when ``nonneg``, as in the MAP fit), and the whitening: the MAP ``loc``
     in the sampler's unconstrained coordinates (:meth:`~kinjax.family.LosvdSpec.constrain`)
     and a square root ``chol`` of its Laplace covariance there;
