@@ -537,9 +537,11 @@ def sample_posterior(setup: FitSetup, sol, y=None, weights=None, *, num_warmup: 
 
     Returns
     -------
-    samples : (num_chains, num_samples, n_theta) parameters (LOSVD, then multiplicative);
-    diagnostics : dict (R-hat, bulk ESS, divergences, mean tree steps), keyed by ``names``
-    (default: the family's parameter names, then ``mult1``, …).
+    samples : (num_chains, num_samples, n_theta) array
+        Parameters (LOSVD, then multiplicative).
+    diagnostics : dict
+        R-hat, bulk ESS, divergences and mean tree steps, keyed by ``names`` (default:
+        the family's parameter names, then ``mult1``, …).
     """
     y = setup.y if y is None else jnp.asarray(y)
     weights = setup.weights if weights is None else jnp.asarray(weights)

@@ -293,12 +293,16 @@ def solve_projected(T, y, weights, nonneg, passive, block: FreeBlock):
 
     Parameters
     ----------
-    T : (n_pix, n_T); y, weights : (n_pix,); nonneg, passive : (n_T,) bool (as in
-    :func:`nnls`; ``passive`` may be None); block : FreeBlock.
+    T : (n_pix, n_T) array
+    y, weights : (n_pix,) arrays
+    nonneg, passive : (n_T,) bool
+        As in :func:`nnls` (``passive`` may be None).
+    block : FreeBlock
 
     Returns
     -------
-    x_T : (n_T,); x_P : (n_free,)
+    x_T : (n_T,) array
+    x_P : (n_free,) array
     """
     if _single(T):
         raise ValueError("solve_projected loses the digits P explains in single precision: use solve_linear")
