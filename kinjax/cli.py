@@ -211,7 +211,8 @@ def _cmd_fit(args) -> int:
     setup = setup_fit(spectrum, losvd=args.losvd, moments=args.moments, degree=args.degree, mdegree=args.mdegree,
                       noise=noise, mask_emission=not args.no_mask_emission, n_pca=args.pca, rebin_lsf=args.rebin_lsf)
     result = fit_spectrum(setup.spectrum, setup=setup, method=args.method, seed=args.seed,
-                          progress=sys.stderr.isatty() or args.method == "nuts")
+                          progress=sys.stderr.isatty() or args.method == "nuts", num_samples=args.num_samples,
+                          min_ess=args.min_ess or None)
     summary = result.summary()
     summary["spectrum"] = args.target
     summary["redshift"] = float(spectrum.redshift)
@@ -274,6 +275,17 @@ def _cmd_fit_cube(args) -> int:
     return 0
 
 
+def _positive_int(text):
+    """argparse type: an integer ≥ 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _devices(text):
     """--devices: None (one device), 'all' or a count, for kinjax.sharding.spectra_mesh."""
     if text is None or text == "all":
@@ -321,6 +333,12 @@ def _build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--pca", type=int, default=None, metavar="N",
                      help="compress the templates to N principal components (unconstrained weights)")
     fit.add_argument("--seed", type=int, default=0, help="random seed")
+    fit.add_argument("--num-samples", type=_positive_int, default=400, metavar="N",
+                     help="NUTS draws per chain after a warm-up of 150, 4 chains (default 400)")
+    fit.add_argument("--min-ess", type=float, default=400.0, metavar="N",
+                     help="NUTS: continue the chains, up to --num-samples more draws each, until the smallest bulk "
+                          "ESS of the kinematic parameters (V, sigma, h3, ... for gh) reaches N (default 400; "
+                          "0: no more draws)")
     fit.add_argument("--no-mask-emission", action="store_true", help="do not mask emission lines")
     fit.add_argument("--rebin-lsf", action="store_true",
                      help="add the linear pixel's boxcar to --fwhm when log-rebinning (see kinjax.rebin; "

@@ -483,7 +483,7 @@ def fit_cube_spaxels_nuts(cube, templates, *, losvd="gh", moments=4, degree=4, m
     def one(rng, y, w):
         sol = map_fit(y, w)
         fm_sub, terms, loc, chol = nuts_inputs(forward, spec, sol, weights=w)
-        z, div, _ = run(rng, fm_sub, y, w, terms, loc, chol)
+        (z, div, _), _ = run(rng, fm_sub, y, w, terms, loc, chol)
         return z, jnp.sum(div), loc, chol, sol.chi2, sol.n_active
 
     batch = jax.jit(lambda keys, y, w: map_spectra(one, keys, y, w, mesh=mesh))

@@ -35,7 +35,10 @@ from kinjax.result import FitResult
 from kinjax.templates import Templates, load_emiles, prepare_templates
 
 __all__ = ["FitSetup", "setup_fit", "fit_spectrum", "losvd_band", "losvd_band_arrays", "nuts_inputs", "single_threaded_blas",
-           "template_slots", "sample_posterior"]
+           "template_slots", "sample_posterior", "ess_target_names", "MIN_ESS"]
+
+#: Default NUTS target of :func:`fit_spectrum`: the smallest bulk ESS of the kinematic parameters (:func:`ess_target_names`).
+MIN_ESS = 400
 
 
 @dataclass(frozen=True)
@@ -219,6 +222,7 @@ def fit_spectrum(
     h_prior: float | None = 0.1,
     n_pca: int | None = None,
     rebin_lsf: bool = False,
+    min_ess: float | None = MIN_ESS,
 ) -> FitResult:
     """Fit the kinematics of one spectrum.
 
@@ -255,6 +259,11 @@ def fit_spectrum(
         a diagonal mass matrix) suffices: 4 × (150 + 400) costs what 4 × (300 + 250) did
         and gave 1.2–1.8 times its median ESS (NGC 3073, seeds 1–5: 401 against 249;
         S/N-10 and Sanders–Evans mocks likewise). Without mass-matrix adaptation it was worse.
+    min_ess : float or None
+        NUTS: the chains go on, up to ``num_samples`` more draws each, until the smallest
+        bulk ESS of the kinematic parameters (V, σ, h_m for Gauss–Hermite;
+        :func:`ess_target_names`) reaches this (:func:`sample_posterior`); None: exactly
+        ``num_samples`` draws per chain.
     n_draws : int
         MAP: draws from the Laplace approximation for the LOSVD band and moments.
     seed : int
@@ -313,7 +322,8 @@ def fit_spectrum(
             warnings.warn(_bound_message(spec, theta_map[:k], at_bound), stacklevel=2)
     else:
         samples, diagnostics = sample_posterior(setup, sol, num_warmup=num_warmup, num_samples=num_samples,
-                                                num_chains=num_chains, seed=seed, progress=progress, names=names)
+                                                num_chains=num_chains, seed=seed, progress=progress, names=names,
+                                                min_ess=min_ess)
         best = np.median(samples.reshape(-1, len(names)), axis=0)
         # best-fit linear parameters at the posterior median
         linear = np.asarray(setup.linear_at(y, w, jnp.asarray(best)))
@@ -500,34 +510,68 @@ def _host_threads(num_chains: int) -> int:
     return max(1, min(num_chains, cores))
 
 
-def _nuts_sampler(setup, num_warmup, num_samples, num_chains):
+def _nuts_sampler(setup, num_warmup, num_samples, num_chains, resume=False):
     """The compiled NUTS sampler of a set-up and configuration (built once, then reused).
 
-    ``sample(key, forward, y, weights, linear, loc, chol) -> (z, diverging, num_steps)``:
+    ``sample(start, forward, y, weights, linear, loc, chol) -> ((z, diverging, num_steps), states)``:
     on a multi-core CPU the chains run in host threads (:func:`kinjax.models.run_chains`),
-    otherwise in one program (:func:`kinjax.models.make_nuts_program`).
+    otherwise in one program (:func:`kinjax.models.make_nuts_program`). ``start`` is a
+    PRNG key, or with ``resume`` the chains' states from an earlier run (``num_samples``
+    more draws each).
     """
     from kinjax.models import make_nuts_chain, make_nuts_program, run_chains
 
     threads = _host_threads(num_chains)
-    key = (num_warmup, num_samples, num_chains, threads)
+    key = (num_warmup, num_samples, num_chains, threads, resume)
     cache = setup.nuts_cache
     if key not in cache:
         n_theta = setup.spec.n_params + setup.forward.mdegree
         if threads > 1:
-            chain = make_nuts_chain(setup.spec, n_theta, num_warmup, num_samples)
-            cache[key] = lambda rng, *args: run_chains(chain, rng, args, num_chains, threads)
+            chain = make_nuts_chain(setup.spec, n_theta, num_warmup, num_samples, resume=resume)
+
+            def sample(start, *args):
+                starts = start if resume else jax.random.split(start, num_chains)
+                return run_chains(chain, starts, args, threads)
+
+            cache[key] = sample
         else:
-            cache[key] = make_nuts_program(setup.spec, n_theta, num_warmup, num_samples, num_chains)
+            cache[key] = make_nuts_program(setup.spec, n_theta, num_warmup, num_samples, num_chains, resume=resume)
     return cache[key]
 
 
+def ess_target_names(spec: LosvdSpec) -> tuple:
+    """The parameters ``min_ess`` applies to: the kinematics a fit reports.
+
+    Gauss–Hermite: V, σ and every h_m; two Gaussians: all five; Sanders–Evans: V and σ
+    (its shape parameters σ_K, δ, κ are mostly set by their priors at moderate S/N and
+    mix slowly: on NGC 4550 their ESS fell from 344 to 269 when the chains were doubled,
+    the short chains having overstated it); the histogram: none (its bins have no
+    summary of that kind, so it gets exactly ``num_samples``).
+    """
+    if spec.family in ("gh", "gauss2"):
+        return tuple(spec.names)
+    if spec.family == "se":
+        return ("v", "sigma")
+    return ()
+
+
+def _min_ess(diagnostics, names) -> float:
+    return min((diagnostics["ess_bulk"][n] for n in names), default=np.inf)
+
+
 def sample_posterior(setup: FitSetup, sol, y=None, weights=None, *, num_warmup: int = 150, num_samples: int = 400,
-                     num_chains: int = 4, seed: int = 0, progress: bool = False, names=None):
+                     num_chains: int = 4, seed: int = 0, progress: bool = False, names=None,
+                     min_ess: float | None = MIN_ESS):
     """The NUTS posterior of one spectrum from its MAP solution, as ``fit_spectrum`` samples it.
 
     NUTS over the non-linear parameters, the linear ones profiled on the MAP's template
     support (:func:`nuts_inputs`).
+
+    When the smallest bulk ESS of the kinematic parameters (:func:`ess_target_names`)
+    comes out below ``min_ess``, the chains go on (same step size and mass matrix, no new
+    warm-up: the draws are those of longer chains) one block of ``num_samples // 4`` draws
+    at a time, at most ``num_samples`` more per chain; a warning says if the target is
+    still missed. ``min_ess=None``: exactly ``num_samples`` draws per chain.
 
     For loops over many spectra of one set-up (Monte Carlo on mocks) without building a
     :class:`FitResult` for each: ``y``, ``weights`` (n_pix,) replace the set-up's own
@@ -537,11 +581,13 @@ def sample_posterior(setup: FitSetup, sol, y=None, weights=None, *, num_warmup: 
 
     Returns
     -------
-    samples : (num_chains, num_samples, n_theta) array
-        Parameters (LOSVD, then multiplicative).
+    samples : (num_chains, n_draws, n_theta) array
+        Parameters (LOSVD, then multiplicative); ``n_draws`` is ``num_samples`` plus the
+        draws added for ``min_ess``.
     diagnostics : dict
         R-hat, bulk ESS, divergences and mean tree steps, keyed by ``names`` (default:
-        the family's parameter names, then ``mult1``, …).
+        the family's parameter names, then ``mult1``, …), and ``extra_samples``, the
+        draws per chain added for ``min_ess``.
     """
     y = setup.y if y is None else jnp.asarray(y)
     weights = setup.weights if weights is None else jnp.asarray(weights)
@@ -550,7 +596,7 @@ def sample_posterior(setup: FitSetup, sol, y=None, weights=None, *, num_warmup: 
     n_nonzero = int(np.sum(np.asarray(sol.linear)[: setup.forward.n_templates] != 0))
     fm_sub, terms, loc, chol = nuts_inputs(setup.forward, setup.spec, sol, nonneg=setup.nonneg, weights=weights,
                                            n_templates=template_slots(n_nonzero))
-    run = _nuts_sampler(setup, num_warmup, num_samples, num_chains)
+    args = (fm_sub, y, weights, terms, loc, chol)
     from kinjax.models import PROGRESS, whitened_to_theta
 
     bar = None
@@ -560,18 +606,43 @@ def sample_posterior(setup: FitSetup, sol, y=None, weights=None, *, num_warmup: 
         bar = tqdm(total=num_chains * (num_warmup + num_samples), desc=f"NUTS ({num_chains} chains)",
                    unit="it", file=sys.stderr)
     PROGRESS["bar"], PROGRESS["done"] = bar, {}
+    losvd_names = ess_target_names(setup.spec)
+    block = max(num_samples // 4, 1)
     try:
         with single_threaded_blas():
-            z, diverging, num_steps = jax.block_until_ready(
-                run(jax.random.PRNGKey(seed), fm_sub, y, weights, terms, loc, chol)
-            )
+            run = _nuts_sampler(setup, num_warmup, num_samples, num_chains)
+            out, states = jax.block_until_ready(run(jax.random.PRNGKey(seed), *args))
+            parts = [out]
+            diagnostics = _nuts_diagnostics(whitened_to_theta(out[0], setup.spec, loc, chol), names,
+                                            np.asarray(out[1]), np.asarray(out[2]))
+            extra = 0
+            while min_ess is not None and extra + block <= num_samples and _min_ess(diagnostics, losvd_names) < min_ess:
+                # one block at a time: ESS estimates from short chains scatter by tens of per
+                # cent, so a block count predicted from the first one overshoots as often as not
+                if bar is not None:
+                    bar.total += block * num_chains
+                    bar.refresh()
+                more = _nuts_sampler(setup, num_warmup, block, num_chains, resume=True)
+                out, states = jax.block_until_ready(more(states, *args))
+                parts.append(out)
+                extra += block
+                z, diverging, num_steps = (np.concatenate([np.asarray(p[i]) for p in parts], axis=1)
+                                           for i in range(3))
+                diagnostics = _nuts_diagnostics(whitened_to_theta(z, setup.spec, loc, chol), names,
+                                                diverging, num_steps)
     finally:
         PROGRESS["bar"] = None
         if bar is not None:
             bar.update(bar.total - bar.n)
             bar.close()
+    z = np.concatenate([np.asarray(p[0]) for p in parts], axis=1)
     samples = whitened_to_theta(z, setup.spec, loc, chol)
-    diagnostics = _nuts_diagnostics(samples, names, np.asarray(diverging), np.asarray(num_steps))
+    diagnostics["extra_samples"] = int(extra)
+    if min_ess is not None and _min_ess(diagnostics, losvd_names) < min_ess:
+        warnings.warn(f"NUTS: the smallest bulk ESS of {', '.join(losvd_names)} is "
+                      f"{_min_ess(diagnostics, losvd_names):.0f} after {num_samples + extra} draws per chain, below "
+                      f"min_ess = {min_ess:g}; ask for more draws (num_samples; kinjax fit --num-samples)",
+                      stacklevel=2)
     return samples, diagnostics
 
 

@@ -206,8 +206,15 @@ def _tick(chain, i):
             bar.update(total - bar.n)
 
 
-def _nuts_chain(spec: LosvdSpec, n_theta: int, num_warmup: int, num_samples: int, target_accept_prob: float):
-    """``one_chain(key, chain, args) -> (z, diverging, num_steps)``: one NUTS chain, traceable."""
+def _nuts_chain(spec: LosvdSpec, n_theta: int, num_warmup: int, num_samples: int, target_accept_prob: float,
+                resume: bool = False):
+    """``one_chain(start, chain, args) -> ((z, diverging, num_steps), state)``: one NUTS chain, traceable.
+
+    ``start`` is a PRNG key: warm-up from z = 0 (the MAP), then ``num_samples`` draws. With
+    ``resume`` it is instead the final ``state`` of an earlier run of the same
+    configuration: ``num_samples`` more draws with that run's adapted step size and mass
+    matrix, no warm-up. ``state`` is numpyro's ``HMCState``.
+    """
     from numpyro.infer.hmc import hmc
 
     def potential_gen(forward, y, weights, linear, loc, chol):
@@ -215,25 +222,34 @@ def _nuts_chain(spec: LosvdSpec, n_theta: int, num_warmup: int, num_samples: int
 
     init_kernel, sample_kernel = hmc(potential_fn_gen=potential_gen, algo="NUTS")
 
-    def one_chain(key, chain, args):
-        state = init_kernel(jnp.zeros(n_theta, args[1].dtype), num_warmup, target_accept_prob=target_accept_prob,
-                            model_args=args, rng_key=key)
-
+    def one_chain(start, chain, args):
         def step(state, i):
             state = sample_kernel(state, model_args=args)
             # report progress to the host every _TICK iterations (see PROGRESS)
             jax.lax.cond(i % _TICK == 0, lambda: jax.debug.callback(_tick, chain, i), lambda: None)
             return state, (state.z, state.diverging, state.num_steps)
 
-        state, _ = jax.lax.scan(step, state, jnp.arange(1, num_warmup + 1))
-        _, out = jax.lax.scan(step, state, jnp.arange(num_warmup + 1, num_warmup + num_samples + 1))
-        return out
+        z0 = jnp.zeros(n_theta, args[1].dtype)
+        if resume:
+            # init_kernel sets the kernel's settings (warm-up length, tree depth) when it is
+            # traced; called as for a fresh chain, its result unused, it sets the same ones,
+            # and the saved state, past the warm-up, no longer adapts
+            init_kernel(z0, num_warmup, target_accept_prob=target_accept_prob, model_args=args,
+                        rng_key=start.rng_key)
+            state, first = start, start.i + 1
+        else:
+            state = init_kernel(z0, num_warmup, target_accept_prob=target_accept_prob, model_args=args,
+                                rng_key=start)
+            state, _ = jax.lax.scan(step, state, jnp.arange(1, num_warmup + 1))
+            first = num_warmup + 1
+        state, out = jax.lax.scan(step, state, first + jnp.arange(num_samples))
+        return out, state
 
     return one_chain
 
 
 def make_nuts_program(spec: LosvdSpec, n_theta: int, num_warmup: int, num_samples: int, num_chains: int,
-                      target_accept_prob: float = 0.85):
+                      target_accept_prob: float = 0.85, resume: bool = False):
     """A jitted NUTS run (warm-up with step-size and diagonal mass adaptation, then sampling).
 
     Built on numpyro's functional ``hmc`` kernel, with the loop compiled once: calling the
@@ -246,59 +262,67 @@ def make_nuts_program(spec: LosvdSpec, n_theta: int, num_warmup: int, num_sample
     NGC 4636's 3838 SDSS pixels: 50–60 s against 28–31 s). For one spectrum on a
     multi-core CPU, :func:`make_nuts_chain` and :func:`run_chains` are faster still.
 
+    With ``resume``, the program continues the chains of an earlier run of the same
+    ``num_warmup`` instead: pass their final states in place of the key, and it draws
+    ``num_samples`` more per chain, without warm-up.
+
     Returns
     -------
-    run(key, forward, y, weights, linear, loc, chol) -> (z, diverging, num_steps), with
+    run(key, forward, y, weights, linear, loc, chol) -> ((z, diverging, num_steps), states),
     z of shape (num_chains, num_samples, n_theta) (whitened; :func:`whitened_to_theta`
-    turns them into parameters).
+    turns them into parameters) and ``states`` the chains' final states (stacked).
     """
-    one_chain = _nuts_chain(spec, n_theta, num_warmup, num_samples, target_accept_prob)
+    one_chain = _nuts_chain(spec, n_theta, num_warmup, num_samples, target_accept_prob, resume)
 
     @jax.jit
-    def run(key, forward, y, weights, linear, loc, chol):
+    def run(start, forward, y, weights, linear, loc, chol):
         args = (forward, y, weights, linear, loc, chol)
-        keys = jax.random.split(key, num_chains)
-        chains = (keys, jnp.arange(num_chains))
+        starts = start if resume else jax.random.split(start, num_chains)
+        chains = (starts, jnp.arange(num_chains))
         if jax.default_backend() == "cpu":
-            return jax.lax.map(lambda kc: one_chain(kc[0], kc[1], args), chains)
-        return jax.vmap(lambda k, c: one_chain(k, c, args))(*chains)
+            return jax.lax.map(lambda sc: one_chain(sc[0], sc[1], args), chains)
+        return jax.vmap(lambda s, c: one_chain(s, c, args))(*chains)
 
     return run
 
 
 def make_nuts_chain(spec: LosvdSpec, n_theta: int, num_warmup: int, num_samples: int,
-                    target_accept_prob: float = 0.85):
+                    target_accept_prob: float = 0.85, resume: bool = False):
     """One chain of :func:`make_nuts_program`, jitted on its own, for :func:`run_chains`.
 
     Returns
     -------
-    chain(key, index, forward, y, weights, linear, loc, chol) -> (z, diverging, num_steps),
-    z of shape (num_samples, n_theta); ``index`` numbers the chain for the progress bar.
+    chain(start, index, forward, y, weights, linear, loc, chol) -> ((z, diverging, num_steps), state),
+    z of shape (num_samples, n_theta); ``start`` a PRNG key, or with ``resume`` the final
+    state of an earlier run; ``index`` numbers the chain for the progress bar.
     """
-    one_chain = _nuts_chain(spec, n_theta, num_warmup, num_samples, target_accept_prob)
-    return jax.jit(lambda key, index, *args: one_chain(key, index, args))
+    one_chain = _nuts_chain(spec, n_theta, num_warmup, num_samples, target_accept_prob, resume)
+    return jax.jit(lambda start, index, *args: one_chain(start, index, args))
 
 
-def run_chains(chain, key, args, num_chains: int, threads: int):
-    """Run ``num_chains`` chains of :func:`make_nuts_chain` in ``threads`` host threads.
+def run_chains(chain, starts, args, threads: int):
+    """Run the chains of :func:`make_nuts_chain` from ``starts`` in ``threads`` host threads.
 
-    The same draws as ``make_nuts_program(...)(key, *args)`` (same keys, same algorithm),
-    but on a multi-core CPU the chains run at the same time, each at its own pace: XLA
-    releases Python's lock while it computes, and one small spectrum keeps about one core
-    busy. On two cores a posterior of NGC 4636 (3838 SDSS pixels) took 7.8 s against
-    17.8 s for the chains one after the other. Run it with BLAS limited to one thread
+    ``starts`` holds one start per chain, stacked: PRNG keys (``jax.random.split(key,
+    num_chains)`` gives the draws of ``make_nuts_program(...)(key, *args)``: same keys,
+    same algorithm) or, for a resumed chain, the final states of an earlier run. On a
+    multi-core CPU the chains run at the same time, each at its own pace: XLA releases
+    Python's lock while it computes, and one small spectrum keeps about one core busy. On
+    two cores a posterior of NGC 4636 (3838 SDSS pixels) took 7.8 s against 17.8 s for
+    the chains one after the other. Run it with BLAS limited to one thread
     (:func:`kinjax.fit.single_threaded_blas`, as ``fit_spectrum`` does): OpenBLAS's own
     threads otherwise compete with the chains, and NGC 4550 ran slower in two threads
     than in one.
 
     Returns
     -------
-    (z, diverging, num_steps), stacked over the chains as :func:`make_nuts_program` returns them.
+    ((z, diverging, num_steps), states), stacked over the chains as :func:`make_nuts_program` returns them.
     """
-    keys = jax.random.split(key, num_chains)
+    num_chains = jax.tree_util.tree_leaves(starts)[0].shape[0]
 
     def one(c):
-        return jax.block_until_ready(chain(keys[c], c, *args))
+        start = jax.tree_util.tree_map(lambda a: a[c], starts)
+        return jax.block_until_ready(chain(start, c, *args))
 
     if threads <= 1:
         outs = [one(c) for c in range(num_chains)]

@@ -41,7 +41,8 @@ def test_ngc4550_map_agrees_with_ppxf(map_result):
 
 
 def test_ngc4550_nuts_short_chains(setup):
-    r = fit_spectrum(None, setup=setup, method="nuts", num_warmup=200, num_samples=200, num_chains=2, progress=False)
+    r = fit_spectrum(None, setup=setup, method="nuts", num_warmup=200, num_samples=200, num_chains=2, progress=False,
+                     min_ess=None)
     s = r.summary()
     for name, (value, err) in PPXF.items():
         # posterior medians: within 1.5 pPXF errors (median vs mode; see benchmarks for full runs)
@@ -171,14 +172,63 @@ def test_threaded_chains_give_the_draws_of_the_single_program(setup):
     fm_sub, terms, loc, chol = nuts_inputs(setup.forward, setup.spec, sol)
     args = (fm_sub, setup.y, setup.weights, terms, loc, chol)
     key = jax.random.PRNGKey(3)
-    program = make_nuts_program(setup.spec, 4, 30, 20, 3)(key, *args)
+    program, _ = make_nuts_program(setup.spec, 4, 30, 20, 3)(key, *args)
     chain = make_nuts_chain(setup.spec, 4, 30, 20)
     for threads in (1, 2):
-        threaded = run_chains(chain, key, args, 3, threads)
+        threaded, _ = run_chains(chain, jax.random.split(key, 3), args, threads)
         for a, b in zip(threaded, program):
             assert a.shape == b.shape
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-9, atol=1e-12)
     assert np.ptp(np.asarray(program[0])[:, -1, 0]) > 0  # the three chains differ
+
+
+def test_resumed_chains_continue_the_same_markov_chains(setup):
+    """A run of 30 draws resumed for 20 more gives the draws of one run of 50: the saved
+    state carries the adapted step size, mass matrix and random key (what ``min_ess``
+    relies on to extend a posterior without a second warm-up)."""
+    from kinjax.fit import nuts_inputs
+    from kinjax.models import make_nuts_chain, make_nuts_program, run_chains
+
+    import jax
+
+    sol = setup.fitter(setup.y, setup.weights)
+    fm_sub, terms, loc, chol = nuts_inputs(setup.forward, setup.spec, sol)
+    args = (fm_sub, setup.y, setup.weights, terms, loc, chol)
+    key = jax.random.PRNGKey(4)
+    whole, _ = make_nuts_program(setup.spec, 4, 30, 50, 2)(key, *args)
+    first, states = make_nuts_program(setup.spec, 4, 30, 30, 2)(key, *args)
+    more, _ = make_nuts_program(setup.spec, 4, 30, 20, 2, resume=True)(states, *args)
+    threaded, _ = run_chains(make_nuts_chain(setup.spec, 4, 30, 20, resume=True), states, args, 2)
+    for part in (more, threaded):
+        for a, b, c in zip(whole, first, part):
+            np.testing.assert_allclose(np.asarray(a), np.concatenate([np.asarray(b), np.asarray(c)], axis=1),
+                                       rtol=1e-9, atol=1e-12)
+    assert int(np.asarray(states.i)[0]) == 60  # 30 warm-up + 30 draws
+
+
+def test_min_ess_extends_the_chains_until_the_target_or_the_cap(setup):
+    """``min_ess``: more draws per chain (blocks of num_samples // 4) while the smallest
+    bulk ESS of V, σ, h3, h4 is short, at most num_samples more, and a warning if the
+    target is still missed; the first draws are those of a run without the target."""
+    from kinjax.fit import sample_posterior
+
+    sol = setup.fitter(setup.y, setup.weights)
+    kw = dict(num_warmup=40, num_samples=40, num_chains=2, seed=2)
+    plain, d0 = sample_posterior(setup, sol, min_ess=None, **kw)
+    assert plain.shape == (2, 40, 4) and d0["extra_samples"] == 0
+    ess0 = min(d0["ess_bulk"].values())
+    with pytest.warns(UserWarning, match="below min_ess"):
+        capped, d1 = sample_posterior(setup, sol, min_ess=1e6, **kw)
+    assert capped.shape == (2, 80, 4) and d1["extra_samples"] == 40 and d1["num_samples"] == 80
+    np.testing.assert_allclose(capped[:, :40], plain, rtol=1e-9, atol=1e-12)
+    target = 1.3 * ess0  # reachable: about 1.4 x the draws
+    extended, d2 = sample_posterior(setup, sol, min_ess=target, **kw)
+    assert 0 < d2["extra_samples"] <= 40 and d2["extra_samples"] % 10 == 0
+    assert extended.shape == (2, 40 + d2["extra_samples"], 4)
+    assert min(d2["ess_bulk"].values()) >= target or d2["extra_samples"] == 40
+    easy, d3 = sample_posterior(setup, sol, min_ess=0.5 * ess0, **kw)
+    assert d3["extra_samples"] == 0
+    np.testing.assert_allclose(easy, plain, rtol=1e-9, atol=1e-12)
 
 
 def test_sample_posterior_of_other_data_is_fit_spectrums_posterior_of_them(setup):
@@ -192,7 +242,7 @@ def test_sample_posterior_of_other_data_is_fit_spectrums_posterior_of_them(setup
     y, noise = _mock(setup, truth, 40.0, 11)
     spectrum = dataclasses.replace(setup.spectrum.with_noise(np.full(y.size, noise)), flux=y)
     other = dataclasses.replace(setup, spectrum=spectrum)
-    kw = dict(num_warmup=40, num_samples=30, num_chains=2, seed=5)
+    kw = dict(num_warmup=40, num_samples=30, num_chains=2, seed=5, min_ess=None)
     w = jnp.asarray(np.where(setup.spectrum.mask, 1.0 / noise, 0.0))
     sol = setup.fitter(jnp.asarray(y), w)
     draws, diag = sample_posterior(setup, sol, y, w, **kw)
@@ -245,7 +295,7 @@ def test_nuts_has_no_divergences_on_a_narrow_low_sn_line(setup):
 
     spectrum = dataclasses.replace(setup.spectrum.with_noise(np.full(y.size, noise)), flux=y)
     r = fit_spectrum(None, setup=dataclasses.replace(setup, spectrum=spectrum), method="nuts", num_warmup=300, num_samples=250, num_chains=4,
-                     progress=False, seed=3)
+                     progress=False, seed=3, min_ess=None)
     assert r.diagnostics["divergences"] <= 2, r.diagnostics
     assert max(r.diagnostics["r_hat"].values()) < 1.05
     s = r.summary()
@@ -276,7 +326,7 @@ def test_nuts_sanders_evans_mixes_when_the_map_sits_on_a_bound():
     _, _, _, chol = nuts_inputs(se.forward, se.spec, sol)
     assert np.all(np.sqrt(np.diag(np.asarray(chol) @ np.asarray(chol).T)) <= WHITEN_SD_MAX + 1e-9)
     r = fit_spectrum(None, setup=se, method="nuts", num_warmup=300, num_samples=250, num_chains=4, progress=False,
-                     seed=2)
+                     seed=2, min_ess=None)
     d = r.diagnostics
     assert d["mean_tree_steps"] < 31, d  # 41 without the cap
     assert d["divergences"] <= 2 and max(d["r_hat"].values()) < 1.05, d
@@ -436,6 +486,30 @@ def test_cli_fit_sdss_spectrum_agrees_with_ppxf(tmp_path):
     ours = np.array([d["v"], d["sigma"], d["h3"], d["h4"]])
     assert np.all(np.abs(ours - sol) < 0.5 * err), (ours, sol, err)
     assert d["chi2_dof"] == pytest.approx(1.04, abs=0.02)  # pPXF: 1.043 on 3619 pixels
+
+
+def test_cli_fit_nuts_json_with_its_sampler_settings(tmp_path):
+    """``kinjax fit ngc4550 ... --method nuts``: medians near pPXF's, errors half the 16–84 %
+    width, diagnostics in the JSON; --num-samples sets the draws per chain, and --min-ess
+    0 keeps exactly that many."""
+    out = tmp_path / "r.json"
+    cmd = [sys.executable, "-m", "kinjax", "fit", "ngc4550", "--redshift", "0", "--fwhm", "4.2", "--noise", "0.0047",
+           "--method", "nuts", "--seed", "1", "--num-samples", "120", "--min-ess", "0", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "NUTS (4 chains)" in proc.stderr  # the progress bar
+    d = json.loads(out.read_text())
+    assert d["method"] == "nuts"
+    diag = d["diagnostics"]
+    assert diag["num_chains"] == 4 and diag["num_samples"] == 120 and diag["extra_samples"] == 0
+    assert set(diag["ess_bulk"]) == {"v", "sigma", "h3", "h4"} and max(diag["r_hat"].values()) < 1.1
+    for name, (value, err) in PPXF.items():
+        assert abs(d[name] - value) <= 1.5 * err, (name, d[name], value, err)
+        assert 0.5 * err < d[f"{name}_err"] < 2.0 * err, (name, d[f"{name}_err"], err)
+    bad = subprocess.run([sys.executable, "-m", "kinjax", "fit", "ngc4550", "--method", "nuts", "--num-samples", "0",
+                          "--out", str(tmp_path / "bad.json")], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "--num-samples" in bad.stderr and "Traceback" not in bad.stderr
+    assert not (tmp_path / "bad.json").exists()
 
 
 def test_cli_fit_bad_noise(tmp_path):
