@@ -84,6 +84,12 @@ def make_map_solver(forward: ForwardModel, spec: LosvdSpec, *, nonneg: bool = Tr
         than ``xtol * objective + ftol_abs``: a change of 1e-4 in χ² moves no parameter
         by more than 1 % of its error.
 
+    Bounds: every step is clipped to them, and a parameter on its bound that the
+    gradient pushes outwards is held there for that step (the active set of bounded
+    least-squares solvers), so that the others still take full Gauss–Newton steps.
+    Clipping alone crawled along a bound: NGC 3522 (SDSS) with flat priors, started at
+    σ = 40 km/s, took the 100 iterations allowed to reach h4 = 0.3; now 17.
+
     Returns
     -------
     solve(y, weights, theta0) -> MapSolution, jitted.
@@ -133,6 +139,11 @@ def make_map_solver(forward: ForwardModel, spec: LosvdSpec, *, nonneg: bool = Tr
             jac = jax.jacfwd(lambda uu: residuals(to_theta(uu), x, y, w))(u)
             g = jac.T @ r
             h = jac.T @ jac
+            # parameters on a bound that the gradient pushes outwards are held there for this
+            # step: clipping their share of the step instead left the others crawling
+            pegged = ((u <= u_lower) & (g > 0)) | ((u >= u_upper) & (g < 0))
+            g = jnp.where(pegged, 0.0, g)
+            h = jnp.where(pegged[:, None] | pegged[None, :], jnp.diag(jnp.where(pegged, 1.0, 0.0)), h)
             d = jnp.diag(h)
             step = jnp.linalg.solve(h + lam * jnp.diag(d + 1e-12 * jnp.max(d)), -g)
             new = jnp.clip(u + step, u_lower, u_upper)
