@@ -31,7 +31,8 @@ class FitResult:
     weights : (n_linear,) template weights then additive polynomial coefficients
     chi2_dof : χ² per degree of freedom at ``best``; dof : degrees of freedom
     seconds : wall-clock time of the fit (s, after preparation)
-    diagnostics : dict (NUTS: ``r_hat``, ``ess_bulk``, ``divergences``; MAP: ``n_iter``)
+    diagnostics : dict (NUTS: ``r_hat``, ``ess_bulk``, ``divergences``, ``num_samples`` per chain of which
+        ``extra_samples`` were added for ``min_ess``; MAP: ``n_iter``)
     """
 
     method: str
