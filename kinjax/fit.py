@@ -37,7 +37,8 @@ from kinjax.templates import Templates, load_emiles, prepare_templates
 __all__ = ["FitSetup", "setup_fit", "fit_spectrum", "losvd_band", "losvd_band_arrays", "nuts_inputs", "single_threaded_blas",
            "template_slots", "sample_posterior", "ess_target_names", "MIN_ESS"]
 
-#: Default NUTS target of :func:`fit_spectrum`: the smallest bulk ESS of the kinematic parameters (:func:`ess_target_names`).
+#: Default NUTS target of :func:`fit_spectrum`: the smallest bulk ESS of the kinematic
+#: parameters (:func:`ess_target_names`).
 MIN_ESS = 400
 
 
@@ -606,7 +607,7 @@ def sample_posterior(setup: FitSetup, sol, y=None, weights=None, *, num_warmup: 
         bar = tqdm(total=num_chains * (num_warmup + num_samples), desc=f"NUTS ({num_chains} chains)",
                    unit="it", file=sys.stderr)
     PROGRESS["bar"], PROGRESS["done"] = bar, {}
-    losvd_names = ess_target_names(setup.spec)
+    target_names = ess_target_names(setup.spec)
     block = max(num_samples // 4, 1)
     try:
         with single_threaded_blas():
@@ -616,7 +617,7 @@ def sample_posterior(setup: FitSetup, sol, y=None, weights=None, *, num_warmup: 
             diagnostics = _nuts_diagnostics(whitened_to_theta(out[0], setup.spec, loc, chol), names,
                                             np.asarray(out[1]), np.asarray(out[2]))
             extra = 0
-            while min_ess is not None and extra + block <= num_samples and _min_ess(diagnostics, losvd_names) < min_ess:
+            while min_ess is not None and extra + block <= num_samples and _min_ess(diagnostics, target_names) < min_ess:
                 # one block at a time: ESS estimates from short chains scatter by tens of per
                 # cent, so a block count predicted from the first one overshoots as often as not
                 if bar is not None:
@@ -638,9 +639,9 @@ def sample_posterior(setup: FitSetup, sol, y=None, weights=None, *, num_warmup: 
     z = np.concatenate([np.asarray(p[0]) for p in parts], axis=1)
     samples = whitened_to_theta(z, setup.spec, loc, chol)
     diagnostics["extra_samples"] = int(extra)
-    if min_ess is not None and _min_ess(diagnostics, losvd_names) < min_ess:
-        warnings.warn(f"NUTS: the smallest bulk ESS of {', '.join(losvd_names)} is "
-                      f"{_min_ess(diagnostics, losvd_names):.0f} after {num_samples + extra} draws per chain, below "
+    if min_ess is not None and _min_ess(diagnostics, target_names) < min_ess:
+        warnings.warn(f"NUTS: the smallest bulk ESS of {', '.join(target_names)} is "
+                      f"{_min_ess(diagnostics, target_names):.0f} after {num_samples + extra} draws per chain, below "
                       f"min_ess = {min_ess:g}; ask for more draws (num_samples; kinjax fit --num-samples)",
                       stacklevel=2)
     return samples, diagnostics

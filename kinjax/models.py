@@ -268,7 +268,7 @@ def make_nuts_program(spec: LosvdSpec, n_theta: int, num_warmup: int, num_sample
 
     Returns
     -------
-    run(key, forward, y, weights, linear, loc, chol) -> ((z, diverging, num_steps), states),
+    run(start, forward, y, weights, linear, loc, chol) -> ((z, diverging, num_steps), states),
     z of shape (num_chains, num_samples, n_theta) (whitened; :func:`whitened_to_theta`
     turns them into parameters) and ``states`` the chains' final states (stacked).
     """
