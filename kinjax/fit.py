@@ -613,11 +613,14 @@ def sample_posterior(setup: FitSetup, sol, y=None, weights=None, *, num_warmup: 
         with single_threaded_blas():
             run = _nuts_sampler(setup, num_warmup, num_samples, num_chains)
             out, states = jax.block_until_ready(run(jax.random.PRNGKey(seed), *args))
-            parts = [out]
-            diagnostics = _nuts_diagnostics(whitened_to_theta(out[0], setup.spec, loc, chol), names,
-                                            np.asarray(out[1]), np.asarray(out[2]))
-            extra = 0
-            while min_ess is not None and extra + block <= num_samples and _min_ess(diagnostics, target_names) < min_ess:
+            parts, extra = [out], 0
+            while True:
+                z, diverging, num_steps = (np.concatenate([np.asarray(p[i]) for p in parts], axis=1)
+                                           for i in range(3))
+                samples = whitened_to_theta(z, setup.spec, loc, chol)
+                diagnostics = _nuts_diagnostics(samples, names, diverging, num_steps)
+                if min_ess is None or extra + block > num_samples or _min_ess(diagnostics, target_names) >= min_ess:
+                    break
                 # one block at a time: ESS estimates from short chains scatter by tens of per
                 # cent, so a block count predicted from the first one overshoots as often as not
                 if bar is not None:
@@ -627,17 +630,11 @@ def sample_posterior(setup: FitSetup, sol, y=None, weights=None, *, num_warmup: 
                 out, states = jax.block_until_ready(more(states, *args))
                 parts.append(out)
                 extra += block
-                z, diverging, num_steps = (np.concatenate([np.asarray(p[i]) for p in parts], axis=1)
-                                           for i in range(3))
-                diagnostics = _nuts_diagnostics(whitened_to_theta(z, setup.spec, loc, chol), names,
-                                                diverging, num_steps)
     finally:
         PROGRESS["bar"] = None
         if bar is not None:
             bar.update(bar.total - bar.n)
             bar.close()
-    z = np.concatenate([np.asarray(p[0]) for p in parts], axis=1)
-    samples = whitened_to_theta(z, setup.spec, loc, chol)
     diagnostics["extra_samples"] = int(extra)
     if min_ess is not None and _min_ess(diagnostics, target_names) < min_ess:
         warnings.warn(f"NUTS: the smallest bulk ESS of {', '.join(target_names)} is "
