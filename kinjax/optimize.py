@@ -151,8 +151,8 @@ def make_map_solver(forward: ForwardModel, spec: LosvdSpec, *, nonneg: bool = Tr
             # step push it outwards: clipping its share of the step instead left the others
             # crawling along the bound, and holding it on the gradient alone kept NGC 4550
             # (flat priors) in the h3 = 0.3 and h4 = 0.3 corners (32 iterations instead of 12)
-            out = jnp.sign(lm_step(h, g, lam)) * jnp.sign(-g) > 0  # both point the same way
-            pegged = out & (((u <= u_lower) & (g > 0)) | ((u >= u_upper) & (g < 0)))
+            free = lm_step(h, g, lam)
+            pegged = ((u <= u_lower) & (g > 0) & (free < 0)) | ((u >= u_upper) & (g < 0) & (free > 0))
             g = jnp.where(pegged, 0.0, g)
             h = jnp.where(pegged[:, None] | pegged[None, :], jnp.diag(jnp.where(pegged, 1.0, 0.0)), h)
             step = lm_step(h, g, lam)
