@@ -109,10 +109,11 @@ def test_design_covariance_is_accurate_in_float32():
 def test_solver_holds_a_parameter_that_its_bound_stops():
     """NGC 3522 (SDSS DR8, additive degree 20) with flat priors, started where the velocity
     scan starts it (V = -40, σ = 40 km/s), runs into a local optimum with h4 on its bound
-    of 0.3. A parameter that the gradient and the step push outwards is held on its bound,
-    so the others converge in a few iterations, to the optimum with h4 fixed there
-    (scipy's least_squares on the same profiled residuals). Clipping the step alone
-    crawled along the bound and used all 100 iterations allowed."""
+    of 0.3. A parameter that the gradient pushes outwards, before and after the step taken
+    with it held, is held on its bound, so the others converge in a few iterations, to
+    the optimum with h4 fixed there (scipy's least_squares on the same profiled
+    residuals). Clipping the step alone crawled along the bound and used all 100
+    iterations allowed."""
     import os
 
     from astropy.io import fits
