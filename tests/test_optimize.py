@@ -106,6 +106,21 @@ def test_design_covariance_is_accurate_in_float32():
     assert np.max(np.abs(np.diag(naive) / np.diag(ref) - 1)) > 0.1  # why the QR route
 
 
+def _profiled_residuals(setup, y, w):
+    """Weighted residuals of a Gauss–Hermite fit as a NumPy function of θ = (V, σ, h3, h4),
+    the linear parameters solved at each θ (what the solver minimises, for scipy)."""
+    from kinjax.losvd import GaussHermite
+
+    fm, n_t = setup.forward, setup.forward.n_templates
+
+    def residuals(theta):
+        theta = jnp.asarray(theta)
+        x = setup.linear_at(y, w, theta)
+        return np.asarray((fm(GaussHermite.from_vector(theta), x[:n_t], x[n_t:]) - y) * w, float)
+
+    return residuals
+
+
 def test_solver_holds_a_parameter_that_its_bound_stops():
     """NGC 3522 (SDSS DR8, additive degree 20) with flat priors, started where the velocity
     scan starts it (V = -40, σ = 40 km/s), runs into a local optimum with h4 on its bound
@@ -119,7 +134,6 @@ def test_solver_holds_a_parameter_that_its_bound_stops():
     from astropy.io import fits
     from scipy.optimize import least_squares
 
-    from kinjax.losvd import GaussHermite
     from kinjax.spectrum import read_spectrum
 
     ppxf = pytest.importorskip("ppxf")
@@ -127,19 +141,14 @@ def test_solver_holds_a_parameter_that_its_bound_stops():
     with pytest.warns(UserWarning, match="finer than the templates"):
         flat = setup_fit(read_spectrum(path, redshift=float(fits.getheader(path, 1)["Z"]), fwhm=2.76), degree=20,
                          h_prior=None)
-    fm, y, w = flat.forward, flat.y, flat.weights
+    y, w = flat.y, flat.weights
     sol = flat.solver(y, w, jnp.asarray([-40.0, 40.0, 0.0, 0.0]))
     assert float(sol.theta[3]) == pytest.approx(0.3), np.asarray(sol.theta)
     assert int(sol.n_iter) <= 30, int(sol.n_iter)
 
-    def residuals(free):
-        theta = jnp.asarray(np.r_[free, 0.3])
-        x = flat.linear_at(y, w, theta)
-        n_t = fm.n_templates
-        return np.asarray((fm(GaussHermite.from_vector(theta), x[:n_t], x[n_t:]) - y) * w)
-
+    residuals = _profiled_residuals(flat, y, w)
     free = np.asarray(sol.theta)[:3]
-    ref = least_squares(residuals, free + [1.0, 1.0, 0.01], x_scale=[1.0, 1.0, 0.01])
+    ref = least_squares(lambda f: residuals(np.r_[f, 0.3]), free + [1.0, 1.0, 0.01], x_scale=[1.0, 1.0, 0.01])
     assert float(sol.chi2) <= 2.0 * ref.cost + 0.01, (float(sol.chi2), 2.0 * ref.cost)
     assert np.all(np.abs(free - ref.x) <= [0.3, 0.3, 0.003]), (free, ref.x, float(sol.chi2), 2.0 * ref.cost)
 
@@ -154,19 +163,10 @@ def _bounded_reference(setup, y, w, theta):
     ``theta``: the optimum (and χ²) that the solver must reach."""
     from scipy.optimize import least_squares
 
-    from kinjax.losvd import GaussHermite
-
-    fm = setup.forward
-
-    def residuals(th):
-        th = jnp.asarray(th)
-        x = setup.linear_at(y, w, th)
-        n_t = fm.n_templates
-        return np.asarray((fm(GaussHermite.from_vector(th), x[:n_t], x[n_t:]) - y) * w, float)
-
     lower, upper = np.asarray(setup.spec.lower), np.asarray(setup.spec.upper)
     scale = np.array([1.0, 1.0, 0.01, 0.01])
-    ref = least_squares(residuals, np.clip(theta + scale, lower, upper), x_scale=scale, bounds=(lower, upper))
+    ref = least_squares(_profiled_residuals(setup, y, w), np.clip(theta + scale, lower, upper), x_scale=scale,
+                        bounds=(lower, upper))
     return ref.x, 2.0 * ref.cost
 
 
@@ -204,7 +204,8 @@ def test_solver_holds_a_parameter_that_the_reduced_step_still_pushes_out(flat):
     y = jnp.asarray(clean / np.median(clean) + 0.1 * rng.standard_normal(clean.shape))
     w = jnp.asarray(np.where(np.asarray(flat.spectrum.mask), 10.0, 0.0))
     sols = [flat.solver(y, w, t0) for t0 in (flat.start_finder(y, w), jnp.asarray([0.0, 150.0, 0.0, 0.0]))]
-    assert [int(s.n_iter) for s in sols] == pytest.approx([7, 10], abs=8)
+    iters = [int(s.n_iter) for s in sols]
+    assert iters[0] <= 15 and iters[1] <= 18, iters
     theta = np.asarray(sols[0].theta, float)
     assert np.allclose(theta[2:], [0.3, -0.3]), theta
     assert np.all(np.abs(np.asarray(sols[1].theta, float) - theta) <= [0.5, 0.5, 1e-3, 1e-3]), sols[1].theta
