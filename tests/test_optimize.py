@@ -103,7 +103,9 @@ def test_design_covariance_is_accurate_in_float32():
     with jax.enable_x64(False):
         m = jnp.asarray(kept, jnp.float32)
         naive = np.asarray(jnp.linalg.inv(m.T @ m)[:k, :k], float)
-    assert np.max(np.abs(np.diag(naive) / np.diag(ref) - 1)) > 0.1  # why the QR route
+    # why the QR route: the float32 inverse of the normal equations is off by a hundred times the
+    # tolerance met above (the size depends on the CPU's kernels: 9-10 % on the machines seen)
+    assert np.max(np.abs(np.diag(naive) / np.diag(ref) - 1)) > 100 * 1e-4
 
 
 def _profiled_residuals(setup, y, w):
