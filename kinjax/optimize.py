@@ -23,7 +23,8 @@ from kinjax.family import LosvdSpec, exp_where, log_where
 from kinjax.forward import ForwardModel
 from kinjax.linear import lstsq, solve_linear
 
-__all__ = ["MapSolution", "make_map_solver", "make_start_finder", "make_fitter", "map_spectra", "MULT_BOUND"]
+__all__ = ["MapSolution", "make_map_solver", "make_start_finder", "make_fitter", "systemic_theta", "better_of", "map_spectra",
+           "MULT_BOUND"]
 
 #: Bound on the multiplicative Legendre coefficients.
 MULT_BOUND = 5.0
@@ -312,20 +313,33 @@ def make_fitter(forward: ForwardModel, spec: LosvdSpec, *, nonneg: bool = True, 
     """
     solve = make_map_solver(forward, spec, nonneg=nonneg, max_iter=max_iter)
     start = make_start_finder(forward, spec)
-    k = spec.n_params
-    theta_sys = np.r_[spec.initial(*systemic), np.zeros(forward.mdegree)]
-
-    def objective(sol):
-        return sol.chi2 + jnp.sum(spec.prior_residuals(sol.theta[:k]) ** 2)
+    theta_sys = systemic_theta(spec, forward.mdegree, systemic)
 
     def fit(y, w):
         a = solve(y, w, start(y, w))
         b = solve(y, w, jnp.asarray(theta_sys, y.dtype))
-        take_b = (objective(b) < objective(a)) | ~jnp.isfinite(objective(a))
-        best = jax.tree_util.tree_map(lambda u, v: jnp.where(take_b, v, u), a, b)
-        return best._replace(n_iter=a.n_iter + b.n_iter)
+        return better_of(spec, a, b)
 
     return jax.jit(fit)
+
+
+def systemic_theta(spec: LosvdSpec, mdegree: int, systemic: tuple = (0.0, 150.0)) -> np.ndarray:
+    """The second start of :func:`make_fitter`: the family's symmetric LOSVD at
+    ``systemic = (V, σ)`` km/s, zero multiplicative coefficients; (n_theta,)."""
+    return np.r_[spec.initial(*systemic), np.zeros(mdegree)]
+
+
+def better_of(spec: LosvdSpec, a: MapSolution, b: MapSolution) -> MapSolution:
+    """The solution with the lower objective (χ² plus prior terms; ``b`` where ``a``'s is
+    not finite), with ``n_iter`` summed over both: how :func:`make_fitter` combines its starts."""
+    k = spec.n_params
+
+    def objective(sol):
+        return sol.chi2 + jnp.sum(spec.prior_residuals(sol.theta[:k]) ** 2)
+
+    take_b = (objective(b) < objective(a)) | ~jnp.isfinite(objective(a))
+    best = jax.tree_util.tree_map(lambda u, v: jnp.where(take_b, v, u), a, b)
+    return best._replace(n_iter=a.n_iter + b.n_iter)
 
 
 def map_spectra(fn, *arrays, mesh=None):
