@@ -14,8 +14,9 @@ truths are fitted with the GH family (4 moments) twice, with a flat prior on h3,
 (``h_prior=None``, like pPXF's ``bias=0``) and with kinjax's default Normal(0, 0.1) prior
 (``h_prior=0.1``); SE truths with the SE family (its V and σ *are* the mean and
 dispersion; default weak shape priors since session 6, see ``kinjax.family``). Errors are the Laplace ones, sqrt(diag(cov)). Spectra are fitted one by one
-by the jitted single-spectrum ``fitter`` (LM from the grid-scan start and from
-(0, 150) km/s, the better kept: what ``fit_spectrum`` does) in a Python loop (on CPU
+by ``FitSetup.map_fit`` (LM from the grid-scan start and from (0, 150) km/s, the better
+kept, the two starts side by side in two threads: what ``fit_spectrum`` does; since
+session 25, before which the starts ran in turn in one program, ``FitSetup.fitter``) in a Python loop (on CPU
 faster than ``jax.vmap``, which runs every lane of the Levenberg-Marquardt while-loop to
 the slowest spectrum); each set-up is compiled on a warm-up spectrum before timing, so the
 per-fit times exclude compilation (reported separately). pPXF 8.2.6 fits the same mocks
@@ -84,7 +85,7 @@ def make_mocks(fm, truths, family, sn, rng):
 
 
 def fit_kinjax(setup, ys, sigma):
-    """Loop over spectra with the jitted single-spectrum two-start fitter.
+    """Loop over spectra with fit_spectrum's two-start MAP fit (``FitSetup.map_fit``).
 
     Returns estimates, Laplace errors, starts, LM iteration counts and per-fit wall times.
     """
@@ -94,7 +95,7 @@ def fit_kinjax(setup, ys, sigma):
     for y in ys:
         y = jnp.asarray(y)
         t0 = time.perf_counter()
-        sol = jax.block_until_ready(setup.fitter(y, w))
+        sol = jax.block_until_ready(setup.map_fit(y, w))
         times.append(time.perf_counter() - t0)
         th0 = setup.start_finder(y, w)  # recorded (pPXF starts there), not timed
         thetas.append(np.asarray(sol.theta))
@@ -148,7 +149,7 @@ def main():
     p_tpl = wide.flux.T
     goodpixels = np.flatnonzero(spec.mask)
     out = {"machine_start": machine(), "n_gh_per_sn": n_gh, "n_se_per_sn": n_se, "cells": [],
-           "kinjax_mode": "Python loop over the jitted single-spectrum two-start fitter (FitSetup.fitter)", "compile_s": {}}
+           "kinjax_mode": "Python loop over fit_spectrum's two-start MAP fit, the starts side by side in two threads (FitSetup.map_fit)", "compile_s": {}}
     # compile every set-up on a warm-up mock (not timed as fits)
     for key, setup in setups.items():
         fam = "se" if key == "se" else "gh"
