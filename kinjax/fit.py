@@ -15,9 +15,11 @@ resolution matching) and then runs
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
+import threading
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -89,8 +91,10 @@ class FitSetup:
         independent, so on a multi-core CPU they run in two host threads, as the NUTS
         chains do, and the fit takes as long as the slower run instead of both (NGC 4550:
         62 → 36 ms with the default prior, 68 → 52 ms with the flat one, where the runs
-        take 14 and 23, and 12 and 29 iterations; two cores, a scratch run). The result
-        is :attr:`fitter`'s: the same solver and the same choice (:func:`kinjax.optimize.better_of`).
+        take 14 and 23, and 12 and 29 iterations; two cores, a scratch run). BLAS runs one
+        thread meanwhile (:func:`single_threaded_blas`; its own threads would take the
+        second core). The result is :attr:`fitter`'s: the same solver and the same choice
+        (:func:`kinjax.optimize.better_of`), and with BLAS in one thread the same digits.
 
         Parameters
         ----------
@@ -108,7 +112,7 @@ class FitSetup:
             return self.fitter(y, weights)
         solver, finder, pick = self.solver, self.start_finder, self._better_of  # built here, not in the threads
         theta_sys = jnp.asarray(systemic_theta(self.spec, self.forward.mdegree), y.dtype)
-        with ThreadPoolExecutor(max_workers=2) as pool:
+        with single_threaded_blas(), ThreadPoolExecutor(max_workers=2) as pool:
             a = pool.submit(lambda: jax.block_until_ready(solver(y, weights, finder(y, weights))))
             b = pool.submit(lambda: jax.block_until_ready(solver(y, weights, theta_sys)))
             return pick(a.result(), b.result())
@@ -525,6 +529,10 @@ def nuts_inputs(fm: ForwardModel, spec: LosvdSpec, sol, nonneg: bool = True, wei
     return fm_sub, terms, loc, chol
 
 
+_BLAS_LIMITED = threading.local()
+
+
+@contextlib.contextmanager
 def single_threaded_blas():
     """Context: the BLAS/LAPACK library that XLA:CPU's small solves call runs one thread.
 
@@ -533,11 +541,23 @@ def single_threaded_blas():
     small, and with the NUTS chains in two host threads they fought over the cores: the
     NGC 4550 posterior took 3.0–3.2 s with two chain threads against 1.7–1.8 s with one;
     with one BLAS thread it takes 0.75 s against 1.46 s (two CPU cores, a scratch run).
-    The MAP fit of NGC 4550 gains 15–25 % too. The previous limits are restored on exit.
+    The MAP fit of NGC 4550 gains 15–25 % too, and its two starts side by side
+    (:meth:`FitSetup.map_fit`) gain nothing without it (59 ms against 58 ms in turn; with
+    it 33 against 49 ms). The previous limits are restored on exit. Nested uses inside
+    one thread cost nothing: only the outermost sets the limit (``threadpoolctl`` scans
+    the loaded libraries, about 1 ms, each time it does).
     """
+    if getattr(_BLAS_LIMITED, "active", False):
+        yield
+        return
     from threadpoolctl import threadpool_limits
 
-    return threadpool_limits(limits=1, user_api="blas")
+    with threadpool_limits(limits=1, user_api="blas"):
+        _BLAS_LIMITED.active = True
+        try:
+            yield
+        finally:
+            _BLAS_LIMITED.active = False
 
 
 def _host_threads(num_chains: int) -> int:
