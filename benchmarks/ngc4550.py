@@ -12,7 +12,8 @@ with the default Normal(0, 0.1) prior on h3, h4 (``h_prior=0.1``) and flat (``h_
 like pPXF's ``bias=0``). MAP (Levenberg-Marquardt, Laplace errors): compile, then
 the two-start fitter in one program (``FitSetup.fitter``: the starts one after the other),
 the two starts side by side in two threads (``FitSetup.map_fit``, what fit_spectrum runs),
-the start scan, one LM run and the full fit_spectrum timed separately. NUTS: the first call on
+the start scan, one LM run (these four with BLAS in one thread, as fit_spectrum runs them) and
+the full fit_spectrum timed separately. NUTS: the first call on
 a set-up compiles the sampler, a call with an unreachable ``min_ess`` compiles the program
 that continues the chains (``_common.compile_continuation``), and the faster of the next two
 calls (same set-up, other seeds) is the per-fit time; fit_spectrum's default 4 chains × (150 + 400) and a longer 4 × (500 + 500).
@@ -100,7 +101,7 @@ def kinjax_map(setup):
     The fitter runs LM from the grid-scan start and from (0, 150) km/s; the scan alone and
     one LM run from the scan start are timed too.
     """
-    from kinjax.fit import fit_spectrum
+    from kinjax.fit import fit_spectrum, single_threaded_blas
 
     y, w = setup.y, setup.weights
     t0 = time.perf_counter()
@@ -122,10 +123,13 @@ def kinjax_map(setup):
         return jax.block_until_ready(setup.map_fit(y, w))
 
     map_side_by_side()  # compiles the pick of the better start
-    start_med, start_times = median_time(start_only, 21)
-    solver_med, solver_times = median_time(solver_only, 21)
-    core_med, core_times = median_time(map_core, 21)
-    side_med, side_times = median_time(map_side_by_side, 21)
+    # BLAS limited to one thread, as fit_spectrum runs them: its idle threads otherwise spin
+    # against the two start threads (a scratch run: 83 ms side by side against 78 ms in turn)
+    with single_threaded_blas():
+        start_med, start_times = median_time(start_only, 21)
+        solver_med, solver_times = median_time(solver_only, 21)
+        core_med, core_times = median_time(map_core, 21)
+        side_med, side_times = median_time(map_side_by_side, 21)
     res = fit_spectrum(None, setup=setup, method="map")  # warm up the band/draw code
     full_med, full_times = median_time(lambda: fit_spectrum(None, setup=setup, method="map"), 11)
     laplace = np.sqrt(np.diag(np.asarray(sol.cov)))
