@@ -89,12 +89,12 @@ class FitSetup:
 
         The Levenberg–Marquardt runs from the scan start and from the systemic start are
         independent, so on a multi-core CPU they run in two host threads, as the NUTS
-        chains do, and the fit takes as long as the slower run instead of both (NGC 4550:
-        62 → 36 ms with the default prior, 68 → 52 ms with the flat one, where the runs
-        take 14 and 23, and 12 and 29 iterations; two cores, a scratch run). BLAS runs one
-        thread meanwhile (:func:`single_threaded_blas`; its own threads would take the
-        second core). The result is :attr:`fitter`'s: the same solver and the same choice
-        (:func:`kinjax.optimize.better_of`), and with BLAS in one thread the same digits.
+        chains do, and the fit takes as long as the slower run instead of both (NGC 4550
+        on two cores: 34 against 57 ms with the default prior, 49 against 74 ms with the
+        flat one, whose runs take 12 and 29 iterations; benchmarks/RESULTS.md). BLAS runs
+        one thread meanwhile (:func:`single_threaded_blas`; its own threads would take the
+        second core). The result is that of :attr:`fitter` run with BLAS in one thread,
+        to the last digit: the same solver and the same choice (:func:`kinjax.optimize.better_of`).
 
         Parameters
         ----------
@@ -542,8 +542,8 @@ def single_threaded_blas():
     NGC 4550 posterior took 3.0–3.2 s with two chain threads against 1.7–1.8 s with one;
     with one BLAS thread it takes 0.75 s against 1.46 s (two CPU cores, a scratch run).
     The MAP fit of NGC 4550 gains 15–25 % too, and its two starts side by side
-    (:meth:`FitSetup.map_fit`) gain nothing without it (59 ms against 58 ms in turn; with
-    it 33 against 49 ms). The previous limits are restored on exit. Nested uses inside
+    (:meth:`FitSetup.map_fit`) gain nothing without it (59 against 62 ms in turn; with it
+    34 against 57 ms; benchmarks/RESULTS.md). The previous limits are restored on exit. Nested uses inside
     one thread cost nothing: only the outermost sets the limit (``threadpoolctl`` scans
     the loaded libraries, about 1 ms, each time it does).
     """
