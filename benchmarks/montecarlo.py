@@ -15,8 +15,8 @@ truths are fitted with the GH family (4 moments) twice, with a flat prior on h3,
 (``h_prior=0.1``); SE truths with the SE family (its V and σ *are* the mean and
 dispersion; default weak shape priors since session 6, see ``kinjax.family``). Errors are the Laplace ones, sqrt(diag(cov)). Spectra are fitted one by one
 by ``FitSetup.map_fit`` (LM from the grid-scan start and from (0, 150) km/s, the better
-kept, the two starts side by side in two threads: what ``fit_spectrum`` does; since
-session 25, before which the starts ran in turn in one program, ``FitSetup.fitter``) in a Python loop (on CPU
+kept, the two starts side by side in two threads, BLAS in one: what ``fit_spectrum`` does;
+before session 25 the loop ran ``FitSetup.fitter``, the starts in turn) in a Python loop (on CPU
 faster than ``jax.vmap``, which runs every lane of the Levenberg-Marquardt while-loop to
 the slowest spectrum); each set-up is compiled on a warm-up spectrum before timing, so the
 per-fit times exclude compilation (reported separately). pPXF 8.2.6 fits the same mocks

@@ -560,12 +560,14 @@ def single_threaded_blas():
             _BLAS_LIMITED.active = False
 
 
-def _host_threads(num_chains: int) -> int:
-    """Host threads for the chains of one spectrum: one per CPU core this process may use."""
+def _host_threads(n_runs: int) -> int:
+    """Host threads for ``n_runs`` independent runs on one spectrum (NUTS chains, the two MAP
+    starts): one per CPU core this process may use; 1 on accelerators, which run them side
+    by side in one program (vmap)."""
     if jax.default_backend() != "cpu":
-        return 1  # accelerators run the chains side by side (vmap)
+        return 1
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(num_chains, cores))
+    return max(1, min(n_runs, cores))
 
 
 def _nuts_sampler(setup, num_warmup, num_samples, num_chains, resume=False):
