@@ -12,6 +12,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+import targets  # noqa: E402
 
 SECTIONS = (
     ("forward_throughput", "Forward-model throughput"),
@@ -24,7 +25,8 @@ SECTIONS = (
 )
 
 
-def main():
+def render() -> str:
+    """RESULTS.md's text from the recorded results and the notes."""
     notes = json.loads((HERE / "notes.json").read_text()) if (HERE / "notes.json").exists() else {}
     parts = ["# Recorded benchmark results", "",
              "Produced by the scripts in `benchmarks/` (`python benchmarks/<name>.py`, results in "
@@ -33,6 +35,9 @@ def main():
              "and timings are medians of repeats.", ""]
     if "machine" in notes:
         parts += [notes["machine"], ""]
+    recorded = {name: json.loads((HERE / "results" / f"{name}.json").read_text()) for name, _ in SECTIONS
+                if (HERE / "results" / f"{name}.json").exists()}
+    parts += ["## Single-spectrum targets at a glance", "", targets.markdown(recorded), ""]
     for name, title in SECTIONS:
         path = HERE / "results" / f"{name}.json"
         parts += [f"## {title}", ""]
@@ -42,9 +47,14 @@ def main():
         module = __import__(name)
         if name in notes:
             parts += [notes[name], ""]
-        parts += [module.markdown(json.loads(path.read_text())), ""]
-    (HERE / "RESULTS.md").write_text("\n".join(parts).rstrip() + "\n")
-    print((HERE / "RESULTS.md").read_text())
+        parts += [module.markdown(recorded[name]), ""]
+    return "\n".join(parts).rstrip() + "\n"
+
+
+def main():
+    text = render()
+    (HERE / "RESULTS.md").write_text(text)
+    print(text)
 
 
 if __name__ == "__main__":

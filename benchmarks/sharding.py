@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-N_DEV = int(sys.argv[1]) if len(sys.argv) > 1 else os.cpu_count()
+N_DEV = int(sys.argv[1]) if __name__ == "__main__" and len(sys.argv) > 1 else os.cpu_count()
 if "jax" not in sys.modules:  # the device count is fixed when JAX starts
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                + f" --xla_force_host_platform_device_count={N_DEV}").strip()
