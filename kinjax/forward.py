@@ -183,6 +183,22 @@ class ForwardModel(eqx.Module):
         conv = self._sample(self.template_fft * self._losvd_fts(losvds))
         return conv * self.multiplicative_polynomial(mult_coeffs)
 
+    def convolved_subset(self, losvds, index, mult_coeffs=None) -> jnp.ndarray:
+        """Rows ``index`` of :meth:`convolved_templates`, without convolving the others.
+
+        ``index`` : (k,) integer array (traced values allowed, fixed length).
+
+        Returns
+        -------
+        (k, n_pix) array.
+        """
+        if self.n_components == 1:  # one transform for all: no (n_templates, n_freq) broadcast
+            ft = self._component_fts(losvds)[0]
+        else:
+            ft = self._losvd_fts(losvds)[index]
+        conv = self._sample(self.template_fft[index] * ft)
+        return conv * self.multiplicative_polynomial(mult_coeffs)
+
     def design_matrix(self, losvds, mult_coeffs=None) -> jnp.ndarray:
         """Columns of the linear problem: convolved templates then additive polynomials.
 

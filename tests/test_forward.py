@@ -225,3 +225,23 @@ def test_non_integer_velscale_ratio():
     gal.velscale = tpl.velscale * 1.5
     with pytest.raises(KinjaxError, match="integer"):
         make_forward_model(tpl, gal)
+
+
+def test_convolved_subset_is_those_rows_convolved_by_brute_force():
+    """``convolved_subset`` (the MAP loop's support-first solve) convolves only the rows
+    asked for: each is the brute-force convolution of that template alone; one and two
+    kinematic components, repeated rows included."""
+    tpl = _templates(4, seed=3)
+    gal = _spectrum(tpl)
+    losvd = GaussHermite(v=-80.0, sigma=110.0, h=jnp.array([0.05, -0.03]))
+    fm = make_forward_model(tpl, gal, degree=2, mdegree=2)
+    index = jnp.asarray([2, 0, 2])
+    mult = jnp.asarray([0.1, -0.05])
+    sub = np.asarray(fm.convolved_subset(losvd, index, mult))
+    poly = np.asarray(fm.multiplicative_polynomial(mult))
+    for row, t in zip(sub, np.asarray(index)):
+        np.testing.assert_allclose(row, _brute_force(tpl, gal, losvd, np.eye(4)[t]) * poly, atol=1e-6)
+    two = make_forward_model([tpl, _templates(2, seed=4)], gal, degree=-1)
+    other = GaussHermite(v=150.0, sigma=70.0, h=jnp.zeros(2))
+    np.testing.assert_allclose(np.asarray(two.convolved_subset((losvd, other), jnp.asarray([5, 1]))),
+                               np.asarray(two.convolved_templates((losvd, other)))[[5, 1]], atol=1e-12)

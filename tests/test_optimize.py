@@ -219,3 +219,46 @@ def test_solver_holds_a_parameter_that_the_reduced_step_still_pushes_out(flat):
     ref, chi2 = _bounded_reference(flat, y, w, theta)
     assert float(sols[0].chi2) <= chi2 + 0.01, (float(sols[0].chi2), chi2)
     assert np.all(np.abs(theta - ref) <= [0.5, 0.5, 0.005, 0.005]), (theta, ref)
+
+
+def test_support_first_solve_gives_the_full_solves_fit(setup, monkeypatch):
+    """In the Levenberg–Marquardt loop the linear parameters are first solved on the
+    previous step's template support, and that solution is kept only where it meets the
+    NNLS optimality conditions. Fits with it equal fits that solve the full NNLS at every
+    step, on mocks whose support changes on the way (started far from the optimum); and
+    the full solve runs on only some of the steps (counted through a wrapper of it)."""
+    import kinjax.optimize as opt
+
+    fm, spec = setup.forward, setup.spec
+    calls = []
+    full_solve = opt.solve_linear
+
+    def counted(*args):
+        jax.debug.callback(lambda: calls.append(1))
+        return full_solve(*args)
+
+    monkeypatch.setattr(opt, "solve_linear", counted)
+    support_first = make_map_solver(fm, spec)
+    w = jnp.asarray(setup.spectrum.mask / 0.02)
+    rng = np.random.default_rng(5)
+    fits = []
+    for seed, (v, sigma, start) in enumerate(((120.0, 90.0, (-200.0, 250.0)), (-60.0, 200.0, (100.0, 60.0)))):
+        y = jnp.asarray(_column(fm, v, sigma, seed) + 0.02 * rng.standard_normal(fm.n_pix))
+        theta0 = jnp.asarray(spec.initial(*start))
+        calls.clear()
+        sol = jax.block_until_ready(support_first(y, w, theta0))
+        fits.append((y, theta0, sol, len(calls)))
+    monkeypatch.setattr(opt, "SUPPORT_SLOTS", 10**6)  # more slots than templates: always the full solve
+    always_full = make_map_solver(fm, spec)
+    for y, theta0, sol, n_full in fits:
+        calls.clear()
+        ref = jax.block_until_ready(always_full(y, w, theta0))
+        assert len(calls) == int(ref.n_iter) + 1  # the start and every step
+        # the start, and at least one step whose support changed, took the full solve; the
+        # other steps kept the support's solution (here 9 and 4 full solves of 16 and 10)
+        assert 2 <= n_full < len(calls), (n_full, len(calls))
+        assert int(sol.n_iter) == int(ref.n_iter)
+        np.testing.assert_allclose(np.asarray(sol.theta), np.asarray(ref.theta), rtol=1e-8, atol=1e-10)
+        np.testing.assert_allclose(np.asarray(sol.linear), np.asarray(ref.linear), rtol=1e-6,
+                                   atol=1e-9 * float(jnp.max(jnp.abs(ref.linear))))
+        assert float(sol.chi2) == pytest.approx(float(ref.chi2), rel=1e-10)
