@@ -21,7 +21,7 @@ import numpy as np
 
 from kinjax.family import LosvdSpec, exp_where, log_where
 from kinjax.forward import ForwardModel
-from kinjax.linear import _masked_solve, lstsq, normal_equations, solve_linear
+from kinjax.linear import _masked_solve, normal_equations, solve_linear
 
 __all__ = ["MapSolution", "make_map_solver", "make_start_finder", "make_fitter", "systemic_theta", "better_of", "map_spectra",
            "MULT_BOUND"]
@@ -314,17 +314,33 @@ def make_start_finder(forward: ForwardModel, spec: LosvdSpec, *, vmax: float = 1
     base = np.asarray(spec.initial(0.0, 150.0), dtype=dtype)
     n_comp = forward.n_components
 
-    def chi2(v, s, y, w):
-        col = forward((Gaussian(v, s),) * n_comp, mean_w)
-        a = jnp.concatenate([col[None], forward.additive]).T
-        x = lstsq(a, y, w)
-        # a negative template amplitude fits absorption lines with emission: not a start
-        return jnp.where(x[0] > 0, jnp.sum(((a @ x - y) * w) ** 2), jnp.inf)
-
     def start(y, w):
-        c_v = jax.vmap(lambda v: chi2(v, scan_sigma, y, w))(velocities)
+        # the additive polynomials are the same columns in every trial: project them out
+        # once (QR of the weighted columns), so that a trial is one column against the
+        # projected data, χ² = |y⊥|² − (c⊥·y⊥)² / |c⊥|² with amplitude (c⊥·y⊥) / |c⊥|²
+        # (the least-squares fit of [column, polynomials]; NGC 3522 with degree 20:
+        # 50 ms for the 66 trials when each solved its own normal equations)
+        yw = y * w
+        if forward.degree >= 0:
+            q = jnp.linalg.qr(forward.additive.T * w[:, None])[0]
+
+            def perp(a):
+                return a - q @ (q.T @ a)
+        else:
+            def perp(a):
+                return a
+
+        y_perp = perp(yw)
+
+        def chi2(v, s):
+            c = perp(forward((Gaussian(v, s),) * n_comp, mean_w) * w)
+            cc, cy = c @ c, c @ y_perp
+            # a negative template amplitude fits absorption lines with emission: not a start
+            return jnp.where(cy > 0, y_perp @ y_perp - cy**2 / cc, jnp.inf)
+
+        c_v = jax.vmap(lambda v: chi2(v, scan_sigma))(velocities)
         v0 = jnp.asarray(velocities)[jnp.argmin(c_v)]
-        c_s = jax.vmap(lambda s: chi2(v0, s, y, w))(sig)
+        c_s = jax.vmap(lambda s: chi2(v0, s))(sig)
         s0 = jnp.asarray(sig)[jnp.argmin(c_s)]
         if spec.family == "hist":
             c = np.asarray(spec.options["centres"], dtype=y.dtype)

@@ -262,3 +262,31 @@ def test_support_first_solve_gives_the_full_solves_fit(setup, monkeypatch):
         np.testing.assert_allclose(np.asarray(sol.linear), np.asarray(ref.linear), rtol=1e-6,
                                    atol=1e-9 * float(jnp.max(jnp.abs(ref.linear))))
         assert float(sol.chi2) == pytest.approx(float(ref.chi2), rel=1e-10)
+
+
+def test_start_scan_is_a_brute_force_least_squares_scan(setup):
+    """The start finder's scan (the additive polynomials projected out once) picks what a
+    NumPy scan picks that solves the full least-squares problem [column, polynomials] at
+    every grid point: the lowest χ² among trials with a positive template amplitude,
+    first over velocity at σ = 150 km/s, then over σ at that velocity."""
+    from kinjax.losvd import Gaussian
+
+    fm = setup.forward
+    rng = np.random.default_rng(11)
+    y = _column(fm, 230.0, 180.0, 4) + 0.03 * rng.standard_normal(fm.n_pix)
+    w = setup.spectrum.mask / 0.03
+    mean_w = np.full(fm.n_templates, 1.0 / fm.n_templates)
+    poly = np.asarray(fm.additive).T
+
+    def chi2(v, s):
+        a = np.c_[np.asarray(fm(Gaussian(v, s), mean_w)), poly] * w[:, None]
+        x = np.linalg.lstsq(a, y * w, rcond=None)[0]
+        return np.sum((a @ x - y * w) ** 2) if x[0] > 0 else np.inf
+
+    velocities = np.arange(-1200.0, 1220.0, 40.0)
+    v0 = velocities[np.argmin([chi2(v, 150.0) for v in velocities])]
+    sigmas = np.array([40.0, 80.0, 150.0, 250.0, 400.0])
+    s0 = sigmas[np.argmin([chi2(v0, s) for s in sigmas])]
+    theta = np.asarray(make_start_finder(fm, setup.spec)(jnp.asarray(y), jnp.asarray(w)))
+    assert (theta[0], theta[1]) == (v0, s0), (theta, v0, s0)
+    assert abs(v0 - 230.0) <= 40.0
