@@ -21,7 +21,8 @@ BIAS_RATIO = 0.2
 MIN_ESS, NUTS_SECONDS = 400.0, 10.0
 #: NGC 4550: kinjax within this many pPXF formal errors of pPXF 8.2.6 (default bias)
 WITHIN_ERRORS = 1.0
-GH_NAMES = ("V", "sigma", "h3", "h4")
+GH_NAMES = ("V", "sigma", "h3", "h4")  # keys of the recorded values
+GH_LABELS = ("V", "σ", "h3", "h4")
 PPXF = "pPXF 8.2.6 (default bias)"
 
 
@@ -43,7 +44,7 @@ def _max_ratio(fit, ref):
     """Largest |kinjax − pPXF| / pPXF error over V, σ, h3, h4, and the parameter it is on."""
     r = {n: abs(fit["values"][n] - ref["values"][n]) / ref["errors"][n] for n in GH_NAMES}
     name = max(r, key=r.get)
-    return r[name], name
+    return r[name], dict(zip(GH_NAMES, GH_LABELS))[name]
 
 
 def ngc4550_rows(out):
@@ -116,7 +117,7 @@ def _coverage_verdict(stats, names):
 
 def montecarlo_rows(out):
     rows = []
-    for family, label, names, what in (("gh", "kinjax MAP (h_prior=0.1)", GH_NAMES, "V / σ / h3 / h4"),
+    for family, label, names, what in (("gh", "kinjax MAP (h_prior=0.1)", GH_LABELS, "V / σ / h3 / h4"),
                                        ("se", "kinjax MAP (SE)", ("mean V", "dispersion"), "mean V / dispersion")):
         for cell in (c for c in out["cells"] if c["family"] == family):
             text, v = _coverage_verdict(cell[label], names)
@@ -140,14 +141,14 @@ def montecarlo_nuts_rows(out):
     rows = []
     groups = [("NUTS posteriors, GH truths like the MAP Monte Carlo's, S/N 30",
                [c for c in out["cells"] if c["sn"] == 30] + ([out["more_sn30"]] if "more_sn30" in out else []),
-               GH_NAMES),
+               GH_LABELS),
               ("NUTS posteriors, GH truths like the MAP Monte Carlo's, S/N 100",
-               [c for c in out["cells"] if c["sn"] == 100], GH_NAMES),
-              ("NUTS posteriors, GH truths like the MAP Monte Carlo's, S/N 10", out.get("sn10", []), GH_NAMES),
+               [c for c in out["cells"] if c["sn"] == 100], GH_LABELS),
+              ("NUTS posteriors, GH truths like the MAP Monte Carlo's, S/N 10", out.get("sn10", []), GH_LABELS),
               ("NUTS posteriors, GH truths drawn from the prior, S/N 10 (calibration check)",
-               [out[k] for k in ("prior_truths_sn10", "prior_truths_sn10_more") if k in out], GH_NAMES),
+               [out[k] for k in ("prior_truths_sn10", "prior_truths_sn10_more") if k in out], GH_LABELS),
               ("NUTS posteriors, GH truths drawn from the prior, S/N 30 (calibration check)",
-               [out["prior_truths"]] if "prior_truths" in out else [], GH_NAMES)]
+               [out["prior_truths"]] if "prior_truths" in out else [], GH_LABELS)]
     for sn in (30, 100):
         groups.append((f"NUTS posteriors, SE truths, S/N {sn}",
                        [c for c in out.get("se_cells", []) + out.get("se_cells_more", []) if c["sn"] == sn],
