@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from _common import table
+from montecarlo_nuts import _pool, _posterior_stats
 
 #: 68 % intervals should cover this fraction of the mock truths
 COVERAGE = (0.63, 0.73)
@@ -128,15 +129,6 @@ def montecarlo_rows(out):
     return rows
 
 
-def _pooled_posterior(cells):
-    """Bias, scatter and 16–84 % coverage of NUTS cells pooled mock by mock."""
-    pm = {k: np.concatenate([np.asarray(c["per_mock"][k], float) for c in cells]) for k in
-          ("truth", "lo", "median", "hi")}
-    d = pm["median"] - pm["truth"]
-    return {"N": int(d.shape[0]), "bias": d.mean(0).tolist(), "scatter": d.std(0, ddof=1).tolist(),
-            "coverage": ((pm["truth"] >= pm["lo"]) & (pm["truth"] <= pm["hi"])).mean(0).tolist()}
-
-
 def montecarlo_nuts_rows(out):
     rows = []
     groups = [("NUTS posteriors, GH truths like the MAP Monte Carlo's, S/N 30",
@@ -156,7 +148,7 @@ def montecarlo_nuts_rows(out):
     for title, cells, names in groups:
         if not cells:
             continue
-        stats = _pooled_posterior(cells)
+        stats = _posterior_stats(_pool(cells, ("truth", "lo", "median", "hi")))
         text, v = _coverage_verdict(stats, names)
         rows.append([f"{title} ({stats['N']} mocks; {' / '.join(names)})", text, v])
     return rows

@@ -210,14 +210,18 @@ def _active_set(solve, gradient, n, tol, nonneg, passive, max_iter):
     return x
 
 
-def lstsq(A, y, weights):
-    """Unconstrained weighted least squares ``argmin ||(A x - y) * weights||`` (n_lin,)."""
-    everything = jnp.ones(A.shape[1], bool)
+def lstsq(A, y, weights, use=None):
+    """Unconstrained weighted least squares ``argmin ||(A x - y) * weights||`` (n_lin,).
+
+    ``use`` : (n_lin,) bool, optional: solve on these columns only, the others' coefficients
+    set to 0 (default: all columns).
+    """
+    use = jnp.ones(A.shape[1], bool) if use is None else use
     if _single(A):
         R, q, scale = qr_reduce(A, y, weights)
-        return _masked_solve_qr(R, q, everything) / scale
+        return _masked_solve_qr(R, q, use) / scale
     gram, rhs, scale = normal_equations(A, y, weights)
-    return _masked_solve(gram, rhs, everything) / scale
+    return _masked_solve(gram, rhs, use) / scale
 
 
 def _single(A) -> bool:

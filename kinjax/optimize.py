@@ -21,7 +21,7 @@ import numpy as np
 
 from kinjax.family import LosvdSpec, exp_where, log_where
 from kinjax.forward import ForwardModel
-from kinjax.linear import _masked_solve, normal_equations, solve_linear
+from kinjax.linear import lstsq, solve_linear
 
 __all__ = ["MapSolution", "make_map_solver", "make_start_finder", "make_fitter", "systemic_theta", "better_of", "map_spectra",
            "MULT_BOUND"]
@@ -158,8 +158,7 @@ def make_map_solver(forward: ForwardModel, spec: LosvdSpec, *, nonneg: bool = Tr
         index = jnp.nonzero(on, size=SUPPORT_SLOTS, fill_value=0)[0]
         valid = jnp.concatenate([jnp.arange(SUPPORT_SLOTS) < count, jnp.ones(forward.degree + 1, bool)])
         a = jnp.concatenate([forward.convolved_subset(losvd, index, mult), forward.additive.astype(y.dtype)]).T
-        gram, rhs, scale = normal_equations(a, y, w)
-        z = _masked_solve(gram, rhs, valid) / scale
+        z = lstsq(a, y, w, valid)  # the full solve's scaled normal equations, on the support
         weights_t = jnp.zeros(n_t, y.dtype).at[index].add(jnp.where(valid[:SUPPORT_SLOTS], z[:SUPPORT_SLOTS], 0.0))
         x = jnp.concatenate([weights_t, z[SUPPORT_SLOTS:]])
         mixed, vjp = jax.vjp(lambda t: forward(losvd, t, None, mult), weights_t)
